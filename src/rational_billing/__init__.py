@@ -1,0 +1,37 @@
+"""rational_billing: bill a platform's customers through each tenant's own Stripe account.
+
+The public surface is ``__all__`` below; everything else is private and may
+change without notice.
+"""
+
+from __future__ import annotations
+
+from ._config import BillingConfig, Mode, ModeKeys, RateLimits
+from .domain.models import (
+    Customer,
+    CustomerLink,
+    EventOutcome,
+    Product,
+    SyncState,
+    Tenant,
+    TenantStatus,
+)
+from .ports import Email, Mailer, Storage, Transaction
+
+__all__ = [
+    "BillingConfig",
+    "Mode",
+    "ModeKeys",
+    "RateLimits",
+    "Customer",
+    "CustomerLink",
+    "EventOutcome",
+    "Product",
+    "SyncState",
+    "Tenant",
+    "TenantStatus",
+    "Email",
+    "Mailer",
+    "Storage",
+    "Transaction",
+]

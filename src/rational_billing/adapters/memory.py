@@ -1,0 +1,295 @@
+"""`InMemoryStorage`: the `Storage` port in process memory, for tests and embedding.
+
+Thread-safe: one re-entrant lock serialises transactions, and an undo log
+rolls back a transaction whose block raised.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+from .._config import Mode
+from ..domain.models import (
+    Customer,
+    EventOutcome,
+    MirrorResult,
+    OutboxEntry,
+    OutboxState,
+    ProcessedEvent,
+    Product,
+    Tenant,
+)
+from ..errors import StorageError
+from ..ports import MirrorRecord
+
+__all__ = ["InMemoryStorage"]
+
+R = TypeVar("R")
+_MISSING: Any = object()
+
+
+class InMemoryStorage:
+    """Keeps everything in dicts, with the same contract as `SQLStorage`.
+
+    Example::
+
+        billing = Billing(config=config, storage=InMemoryStorage(), mailer=RecordingMailer())
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._closed = False
+        self._tenants: dict[str, Tenant] = {}
+        self._tenant_by_account: dict[str, str] = {}
+        self._customers: dict[tuple[str, str], Customer] = {}
+        self._customer_by_link: dict[tuple[str, Mode, str], str] = {}
+        self._products: dict[tuple[str, str], Product] = {}
+        self._products_by_stripe: dict[tuple[str, Mode, str], dict[str, None]] = {}
+        self._events: dict[str, ProcessedEvent] = {}
+        self._mirrors: dict[tuple[type[Any], str, Mode, str], MirrorRecord] = {}
+        self._mirrors_by_customer: dict[tuple[type[Any], str, Mode, str], dict[str, None]] = {}
+        self._outbox: dict[str, OutboxEntry] = {}
+        self._depth = 0
+        self._undo: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<InMemoryStorage tenants={len(self._tenants)} customers={len(self._customers)}>"
+
+    @contextmanager
+    def transaction(self) -> Iterator[_MemoryTransaction]:
+        """A transaction: commit on normal exit, roll back if the block raises."""
+        with self._lock:
+            if self._closed:
+                raise StorageError("InMemoryStorage is closed")
+            outer = self._depth == 0
+            mark = len(self._undo)
+            self._depth += 1
+            try:
+                yield _MemoryTransaction(self)
+            except BaseException:
+                for undo in reversed(self._undo[mark:]):
+                    undo()
+                del self._undo[mark:]
+                raise
+            finally:
+                self._depth -= 1
+                if outer:
+                    self._undo.clear()
+
+    def close(self) -> None:
+        """Mark the storage closed; later transactions raise `StorageError`."""
+        with self._lock:
+            self._closed = True
+
+    # -- undo-logged writes ----------------------------------------------------
+    def _set(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        old = table.get(key, _MISSING)
+        table[key] = value
+        self._undo.append(lambda: _restore(table, key, old))
+
+    def _pop(self, table: dict[Any, Any], key: Any) -> Any:
+        old = table.pop(key, _MISSING)
+        if old is not _MISSING:
+            self._undo.append(lambda: _restore(table, key, old))
+        return None if old is _MISSING else old
+
+
+def _restore(table: dict[Any, Any], key: Any, old: Any) -> None:
+    if old is _MISSING:
+        table.pop(key, None)
+    else:
+        table[key] = old
+
+
+class _MemoryTransaction:
+    """The `Transaction` port over `InMemoryStorage`'s dicts (the lock is held)."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, storage: InMemoryStorage) -> None:
+        self._s = storage
+
+    # -- tenants -------------------------------------------------------------
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        return self._s._tenants.get(tenant_id)
+
+    def tenant_by_account(self, stripe_account_id: str) -> Tenant | None:
+        tenant_id = self._s._tenant_by_account.get(stripe_account_id)
+        return None if tenant_id is None else self._s._tenants.get(tenant_id)
+
+    def direct_tenant(self) -> Tenant | None:
+        tenant_id = self._s._tenant_by_account.get("")
+        return None if tenant_id is None else self._s._tenants.get(tenant_id)
+
+    def put_tenant(self, tenant: Tenant) -> None:
+        s = self._s
+        old = s._tenants.get(tenant.id)
+        if old is not None:
+            old_key = "" if old.direct else old.stripe_account_id
+            if old_key is not None and s._tenant_by_account.get(old_key) == old.id:
+                s._pop(s._tenant_by_account, old_key)
+        s._set(s._tenants, tenant.id, tenant)
+        key = "" if tenant.direct else tenant.stripe_account_id
+        if key is not None:
+            s._set(s._tenant_by_account, key, tenant.id)
+
+    # -- customers -----------------------------------------------------------
+    def get_customer(self, tenant: str, customer_id: str) -> Customer | None:
+        return self._s._customers.get((tenant, customer_id))
+
+    def customer_by_link(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Customer | None:
+        customer_id = self._s._customer_by_link.get((tenant, mode, stripe_customer_id))
+        return None if customer_id is None else self._s._customers.get((tenant, customer_id))
+
+    def insert_customer(self, customer: Customer) -> bool:
+        if (customer.tenant, customer.id) in self._s._customers:
+            return False
+        self.put_customer(customer)
+        return True
+
+    def put_customer(self, customer: Customer) -> None:
+        s = self._s
+        key = (customer.tenant, customer.id)
+        old = s._customers.get(key)
+        if old is not None and old.link is not None:
+            s._pop(s._customer_by_link, (old.tenant, old.link.mode, old.link.stripe_customer_id))
+        if customer.link is not None:
+            link_key = (customer.tenant, customer.link.mode, customer.link.stripe_customer_id)
+            holder = s._customer_by_link.get(link_key)
+            if holder is not None and holder != customer.id:
+                raise StorageError(
+                    f"Stripe customer {customer.link.stripe_customer_id!r} is already linked "
+                    f"to customer {holder!r} of tenant {customer.tenant!r}"
+                )
+            s._set(s._customer_by_link, link_key, customer.id)
+        s._set(s._customers, key, customer)
+
+    def delete_customer(self, tenant: str, customer_id: str) -> bool:
+        s = self._s
+        old = s._pop(s._customers, (tenant, customer_id))
+        if old is None:
+            return False
+        if old.link is not None:
+            s._pop(s._customer_by_link, (tenant, old.link.mode, old.link.stripe_customer_id))
+        return True
+
+    def list_customers(self, tenant: str, *, after: str | None, limit: int) -> Sequence[Customer]:
+        ids = sorted(cid for (t, cid) in self._s._customers if t == tenant and (after is None or cid > after))
+        return [self._s._customers[(tenant, cid)] for cid in ids[:limit]]
+
+    # -- products ------------------------------------------------------------
+    def get_product(self, tenant: str, product_id: str) -> Product | None:
+        return self._s._products.get((tenant, product_id))
+
+    def put_product(self, product: Product) -> None:
+        s = self._s
+        old = s._products.get((product.tenant, product.id))
+        for mode in Mode:
+            old_sid = None if old is None else old.stripe_product_id(mode)
+            if old_sid is not None:
+                index = s._products_by_stripe.get((product.tenant, mode, old_sid))
+                if index is not None and product.id in index:
+                    s._pop(index, product.id)
+            new_sid = product.stripe_product_id(mode)
+            if new_sid is not None:
+                key = (product.tenant, mode, new_sid)
+                index = s._products_by_stripe.get(key)
+                if index is None:
+                    index = {}
+                    s._set(s._products_by_stripe, key, index)
+                s._set(index, product.id, None)
+        s._set(s._products, (product.tenant, product.id), product)
+
+    def products_by_stripe_product(
+        self, tenant: str, mode: Mode, stripe_product_id: str
+    ) -> Sequence[Product]:
+        ids = self._s._products_by_stripe.get((tenant, mode, stripe_product_id), {})
+        return [self._s._products[(tenant, pid)] for pid in ids]
+
+    # -- events --------------------------------------------------------------
+    def record_event(self, event: ProcessedEvent) -> bool:
+        if event.event_id in self._s._events:
+            return False
+        self._s._set(self._s._events, event.event_id, event)
+        return True
+
+    def get_event(self, event_id: str) -> ProcessedEvent | None:
+        return self._s._events.get(event_id)
+
+    def update_event(self, event: ProcessedEvent) -> None:
+        if event.event_id not in self._s._events:
+            raise StorageError(f"no stored event {event.event_id!r} to update")
+        self._s._set(self._s._events, event.event_id, event)
+
+    def events_with_outcome(
+        self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
+    ) -> Sequence[ProcessedEvent]:
+        found = [
+            e
+            for e in self._s._events.values()
+            if e.outcome is outcome and (account is None or e.account == account)
+        ]
+        found.sort(key=lambda e: (e.received_at, e.event_id))
+        return found[:limit]
+
+    # -- mirrors -------------------------------------------------------------
+    def mirror(self, record: MirrorRecord) -> MirrorResult:
+        s = self._s
+        kind = type(record)
+        key = (kind, record.tenant, record.mode, record.stripe_id)
+        old = s._mirrors.get(key)
+        if old is None:
+            result = MirrorResult.INSERTED
+        elif record.marker < old.marker:
+            return MirrorResult.STALE
+        else:
+            result = MirrorResult.TIE if record.marker == old.marker else MirrorResult.APPLIED
+        old_customer = None if old is None else old.stripe_customer_id
+        if old_customer is not None and old_customer != record.stripe_customer_id:
+            index = s._mirrors_by_customer.get((kind, record.tenant, record.mode, old_customer))
+            if index is not None and record.stripe_id in index:
+                s._pop(index, record.stripe_id)
+        s._set(s._mirrors, key, record)
+        if record.stripe_customer_id is not None:
+            ckey = (kind, record.tenant, record.mode, record.stripe_customer_id)
+            index = s._mirrors_by_customer.get(ckey)
+            if index is None:
+                index = {}
+                s._set(s._mirrors_by_customer, ckey, index)
+            s._set(index, record.stripe_id, None)
+        return result
+
+    def get_mirror(self, kind: type[R], tenant: str, mode: Mode, stripe_id: str) -> R | None:
+        found = self._s._mirrors.get((kind, tenant, mode, stripe_id))
+        return found  # type: ignore[return-value]
+
+    def mirrors_for_customer(
+        self, kind: type[R], tenant: str, mode: Mode, stripe_customer_id: str
+    ) -> Sequence[R]:
+        ids = self._s._mirrors_by_customer.get((kind, tenant, mode, stripe_customer_id), {})
+        return [self._s._mirrors[(kind, tenant, mode, sid)] for sid in ids]  # type: ignore[misc]
+
+    # -- outbox --------------------------------------------------------------
+    def put_outbox(self, entry: OutboxEntry) -> None:
+        self._s._set(self._s._outbox, entry.id, entry)
+
+    def get_outbox(self, entry_id: str) -> OutboxEntry | None:
+        return self._s._outbox.get(entry_id)
+
+    def due_outbox(self, now: datetime, *, limit: int) -> Sequence[OutboxEntry]:
+        due = [
+            e
+            for e in self._s._outbox.values()
+            if e.state is OutboxState.PENDING and (e.next_attempt_at is None or e.next_attempt_at <= now)
+        ]
+        due.sort(key=lambda e: (e.created_at, e.id))
+        return due[:limit]
+
+    def outbox_with_state(self, state: OutboxState, *, limit: int = 100) -> Sequence[OutboxEntry]:
+        found = [e for e in self._s._outbox.values() if e.state is state]
+        found.sort(key=lambda e: (e.created_at, e.id))
+        return found[:limit]

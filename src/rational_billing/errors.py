@@ -1,0 +1,172 @@
+"""Every error that ``rational_billing`` raises on purpose.
+
+All of them share one root, so ``except BillingError`` catches everything the
+library means to raise, and nothing else::
+
+    BillingError
+    ├── ConfigError                 bad keys, secrets, modes, URLs or options
+    ├── InvalidArgument             a malformed id or argument (also a ValueError)
+    ├── TenantNotConnected          no connection for that tenant (or that mode)
+    │   └── TenantNotFound          the tenant was never registered
+    ├── CustomerNotFound            no local customer with that id
+    ├── NotLinked                   the customer has no Stripe link
+    ├── AlreadyLinked               the Stripe customer is linked to someone else
+    ├── RemapConfirmationRequired   .impact says who gains and loses what
+    ├── WebhookError                a webhook was rejected (HTTP 400)
+    │   ├── WebhookSignatureError   bad, missing, stale or wrong-mode signature
+    │   └── WebhookPayloadError     the body is not a Stripe event
+    ├── StripeAPIError              Stripe said no (.request_id, .retryable)
+    │   └── StripeCustomerNotFound  absent in that account and mode, or deleted
+    └── StorageError                the storage backend failed
+
+Errors carry context (tenant, mode, Stripe request id) as attributes. They never
+carry a secret key or webhook secret, in their message or anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._config import Mode
+
+__all__ = [
+    "BillingError",
+    "ConfigError",
+    "InvalidArgument",
+    "TenantNotConnected",
+    "TenantNotFound",
+    "CustomerNotFound",
+    "NotLinked",
+    "AlreadyLinked",
+    "RemapConfirmationRequired",
+    "WebhookError",
+    "WebhookSignatureError",
+    "WebhookPayloadError",
+    "StripeAPIError",
+    "StripeCustomerNotFound",
+    "StorageError",
+]
+
+
+class BillingError(Exception):
+    """Root of every error that ``rational_billing`` raises on purpose."""
+
+
+class ConfigError(BillingError):
+    """The configuration is invalid: a key in the wrong slot, a missing secret, a bad URL.
+
+    The message names the offending setting, never its value when it is a secret.
+    """
+
+
+class InvalidArgument(BillingError, ValueError):
+    """An argument is malformed, such as a Stripe id with the wrong prefix."""
+
+
+class TenantNotConnected(BillingError):
+    """The tenant has no usable Stripe connection, or none in the requested mode."""
+
+    def __init__(self, message: str, *, tenant: str, mode: Mode | None = None) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.mode = mode
+
+
+class TenantNotFound(TenantNotConnected):
+    """The tenant was never registered with ``billing.tenants``."""
+
+
+class CustomerNotFound(BillingError):
+    """No local customer has that id in that tenant."""
+
+    def __init__(self, tenant: str, customer_id: str) -> None:
+        super().__init__(f"tenant {tenant!r} has no customer {customer_id!r}")
+        self.tenant = tenant
+        self.customer_id = customer_id
+
+
+class NotLinked(BillingError):
+    """The operation needs a Stripe link and the customer has none."""
+
+    def __init__(self, tenant: str, customer_id: str) -> None:
+        super().__init__(f"customer {customer_id!r} of tenant {tenant!r} is not linked to Stripe")
+        self.tenant = tenant
+        self.customer_id = customer_id
+
+
+class AlreadyLinked(BillingError):
+    """A Stripe customer may link to one local customer per tenant, and it already does."""
+
+    def __init__(self, message: str, *, tenant: str, stripe_customer_id: str, customer_id: str) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.stripe_customer_id = stripe_customer_id
+        self.customer_id = customer_id
+
+
+class RemapConfirmationRequired(BillingError):
+    """A change to a link or mapping could change access; pass ``confirm_remap=True``.
+
+    ``impact`` describes what would change, for example which products a customer
+    would gain and lose, so that a caller can show it before confirming.
+    """
+
+    def __init__(self, message: str, *, impact: Mapping[str, object]) -> None:
+        super().__init__(message)
+        self.impact = impact
+
+
+class WebhookError(BillingError):
+    """A webhook delivery was rejected; the endpoint answers 400 and stores nothing."""
+
+
+class WebhookSignatureError(WebhookError):
+    """The ``Stripe-Signature`` header is missing, garbled, stale or matches no allowed secret."""
+
+
+class WebhookPayloadError(WebhookError):
+    """The verified body is not a well-formed Stripe event."""
+
+
+class StripeAPIError(BillingError):
+    """Stripe answered with an error, or could not be reached.
+
+    ``request_id`` is Stripe's ``Request-Id`` when there was a response;
+    ``retryable`` says whether the same request may succeed later.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+        tenant: str | None = None,
+        mode: Mode | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retryable = retryable
+        self.tenant = tenant
+        self.mode = mode
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        parts = [f"status={self.status}" if self.status is not None else None]
+        parts.append(f"request_id={self.request_id}" if self.request_id else None)
+        extra = ", ".join(p for p in parts if p)
+        return f"{base} ({extra})" if extra else base
+
+
+class StripeCustomerNotFound(StripeAPIError):
+    """The Stripe customer is absent in that account and mode, or it was deleted."""
+
+
+class StorageError(BillingError):
+    """The storage backend failed or returned something it should not have."""
