@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, settings
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.localstripe",
+    "tests.fixtures.webhook_sink",
 ]
 
 settings.register_profile(

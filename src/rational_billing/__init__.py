@@ -7,6 +7,8 @@ change without notice.
 from __future__ import annotations
 
 from ._config import BillingConfig, Mode, ModeKeys, RateLimits
+from .billing import Billing
+from .domain.access import AccessPolicy
 from .domain.models import (
     Customer,
     CustomerLink,
@@ -17,12 +19,16 @@ from .domain.models import (
     TenantStatus,
 )
 from .ports import Email, Mailer, Storage, Transaction
+from .services.customers import UNSET
+from .services.webhooks import WebhookResponse
 
 __all__ = [
+    "Billing",
     "BillingConfig",
     "Mode",
     "ModeKeys",
     "RateLimits",
+    "AccessPolicy",
     "Customer",
     "CustomerLink",
     "EventOutcome",
@@ -34,4 +40,6 @@ __all__ = [
     "Mailer",
     "Storage",
     "Transaction",
+    "WebhookResponse",
+    "UNSET",
 ]

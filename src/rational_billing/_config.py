@@ -125,7 +125,7 @@ def _check_storage_url(url: str) -> None:
 
 def _redact_url(url: str) -> str:
     """The URL without its password, safe for messages and logs."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?<=:)[^:/@]*(?=@)", "***", url)
 
 
 def _check_api_base(url: str | None) -> None:
@@ -161,7 +161,9 @@ class BillingConfig:
     test: ModeKeys | None = None
     live: ModeKeys | None = None
     api_base: str | None = None
-    storage_url: str = "sqlite:///rational_billing.db"
+    storage_url: str = attrs.field(
+        default="sqlite:///rational_billing.db", repr=lambda url: repr(_redact_url(url))
+    )
     webhook_tolerance: int = 300
     rate_limits: RateLimits = attrs.Factory(RateLimits)
 
@@ -241,9 +243,15 @@ class BillingConfig:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot read configuration file {os.fspath(path)!r}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot read configuration file {os.fspath(path)!r}: {exc.strerror}"
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"configuration file {os.fspath(path)!r} is not UTF-8 text") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {os.fspath(path)!r} is not valid TOML: {exc}") from exc
+            raise ConfigError(
+                f"configuration file {os.fspath(path)!r} is not valid TOML: {exc}"
+            ) from exc
         return cls.from_mapping(data, source=os.fspath(path))
 
     @classmethod
@@ -266,12 +274,18 @@ class BillingConfig:
                 raise ConfigError(f"{source}: [{mode.value}] must be a table")
             extra = sorted(set(section) - {"secret_key", "webhook_secrets", "connect_client_id"})
             if extra:
-                raise ConfigError(f"{source}: unknown setting(s) in [{mode.value}]: {', '.join(extra)}")
+                raise ConfigError(
+                    f"{source}: unknown setting(s) in [{mode.value}]: {', '.join(extra)}"
+                )
             if not isinstance(section.get("secret_key"), str):
                 raise ConfigError(f"{source}: [{mode.value}] needs a secret_key string")
             secrets = section.get("webhook_secrets", ())
-            if isinstance(secrets, str) or not all(isinstance(s, str) for s in secrets):
-                raise ConfigError(f"{source}: [{mode.value}] webhook_secrets must be a list of strings")
+            if not isinstance(secrets, list | tuple) or not all(
+                isinstance(s, str) for s in secrets
+            ):
+                raise ConfigError(
+                    f"{source}: [{mode.value}] webhook_secrets must be a list of strings"
+                )
             kwargs[mode.value] = ModeKeys(
                 secret_key=section["secret_key"],
                 webhook_secrets=tuple(secrets),
@@ -283,7 +297,9 @@ class BillingConfig:
                     raise ConfigError(f"{source}: {name} must be a string")
                 kwargs[name] = data[name]
         if "webhook_tolerance" in data:
-            kwargs["webhook_tolerance"] = _as_int(data["webhook_tolerance"], "webhook_tolerance", source)
+            kwargs["webhook_tolerance"] = _as_int(
+                data["webhook_tolerance"], "webhook_tolerance", source
+            )
         if "rate_limits" in data:
             limits = data["rate_limits"]
             if not isinstance(limits, Mapping) or set(limits) - {"test", "live", "search"}:

@@ -99,7 +99,9 @@ class NotLinked(BillingError):
 class AlreadyLinked(BillingError):
     """A Stripe customer may link to one local customer per tenant, and it already does."""
 
-    def __init__(self, message: str, *, tenant: str, stripe_customer_id: str, customer_id: str) -> None:
+    def __init__(
+        self, message: str, *, tenant: str, stripe_customer_id: str, customer_id: str
+    ) -> None:
         super().__init__(message)
         self.tenant = tenant
         self.stripe_customer_id = stripe_customer_id

@@ -177,6 +177,10 @@ class Transaction(Protocol):
         """Entries in that state, oldest first (for example the failed list)."""
         ...
 
+    def outbox_for_customer(self, tenant: str, customer_id: str) -> Sequence[OutboxEntry]:
+        """The customer's pending entries, oldest first (indexed lookup)."""
+        ...
+
 
 class Storage(Protocol):
     """Where ``rational_billing`` keeps its state.

@@ -178,7 +178,9 @@ class _MemoryTransaction:
         return True
 
     def list_customers(self, tenant: str, *, after: str | None, limit: int) -> Sequence[Customer]:
-        ids = sorted(cid for (t, cid) in self._s._customers if t == tenant and (after is None or cid > after))
+        ids = sorted(
+            cid for (t, cid) in self._s._customers if t == tenant and (after is None or cid > after)
+        )
         return [self._s._customers[(tenant, cid)] for cid in ids[:limit]]
 
     # -- products ------------------------------------------------------------
@@ -284,7 +286,8 @@ class _MemoryTransaction:
         due = [
             e
             for e in self._s._outbox.values()
-            if e.state is OutboxState.PENDING and (e.next_attempt_at is None or e.next_attempt_at <= now)
+            if e.state is OutboxState.PENDING
+            and (e.next_attempt_at is None or e.next_attempt_at <= now)
         ]
         due.sort(key=lambda e: (e.created_at, e.id))
         return due[:limit]
@@ -293,3 +296,14 @@ class _MemoryTransaction:
         found = [e for e in self._s._outbox.values() if e.state is state]
         found.sort(key=lambda e: (e.created_at, e.id))
         return found[:limit]
+
+    def outbox_for_customer(self, tenant: str, customer_id: str) -> Sequence[OutboxEntry]:
+        found = [
+            e
+            for e in self._s._outbox.values()
+            if e.tenant == tenant
+            and e.customer_id == customer_id
+            and e.state is OutboxState.PENDING
+        ]
+        found.sort(key=lambda e: (e.created_at, e.id))
+        return found

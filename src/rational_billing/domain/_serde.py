@@ -29,14 +29,27 @@ converter.register_structure_hook(bytes, lambda v, _: base64.b64decode(v))
 converter.register_unstructure_hook(
     MappingProxyType, lambda m: {k: converter.unstructure(v) for k, v in m.items()}
 )
+
+
+def _structure_mapping(value: Any, type_: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a mapping, got {type(value).__name__}")
+    args = getattr(type_, "__args__", ())
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"mapping key {key!r} is not a string")
+        if args and args[-1] is str and not isinstance(item, str):
+            raise TypeError(f"value for {key!r} is not a string")
+    return freeze(value)
+
+
 converter.register_structure_hook_func(
-    lambda t: getattr(t, "__origin__", None) is Mapping, lambda v, _: freeze(v)
+    lambda t: getattr(t, "__origin__", None) is Mapping, _structure_mapping
 )
 converter.register_unstructure_hook_func(
     lambda t: t is frozenset or getattr(t, "__origin__", None) is frozenset,
     lambda s: sorted(converter.unstructure(x) for x in s),
 )
-
 
 
 def unstructure(obj: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Services: the use cases (tenants, customers, webhooks, ...). They talk to ports only."""

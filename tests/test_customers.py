@@ -1,0 +1,251 @@
+"""CustomerService: local creation, the outbox push to Stripe, and bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+import responses
+
+from rational_billing import Billing, BillingConfig, Mode, ModeKeys, SyncState
+from rational_billing.adapters._retry import RetryPolicy
+from rational_billing.adapters.stripe_gateway import StripeGateway
+from rational_billing.domain.models import OutboxState
+from rational_billing.errors import (
+    CustomerNotFound,
+    InvalidArgument,
+    TenantNotConnected,
+    TenantNotFound,
+)
+from rational_billing.testing import InMemoryStorage, RecordingMailer, build_customer
+
+API = "https://api.stripe.com"
+ACCOUNT = "acct_1TENANTAAAAAAA"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A hand-moved clock."""
+    return Clock()
+
+
+@pytest.fixture
+def billing(clock: Clock) -> Billing:
+    """Billing against the real gateway (no retries, no waits) with a connected tenant."""
+    config = BillingConfig(test=ModeKeys(secret_key="sk_test_key", webhook_secrets=("whsec_x",)))
+    gateway = StripeGateway(config, retry=RetryPolicy.none(), sleep=lambda _: None)
+    b = Billing(
+        config=config,
+        storage=InMemoryStorage(),
+        mailer=RecordingMailer(),
+        clock=clock,
+        stripe=gateway,
+    )
+    b.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+    return b
+
+
+def _form(call: Any) -> dict[str, list[str]]:
+    return parse_qs(call.request.body or "", keep_blank_values=True)
+
+
+def _snapshot(billing: Billing) -> Any:
+    storage = billing.storage
+    assert isinstance(storage, InMemoryStorage)
+    return (dict(storage._customers), dict(storage._outbox), dict(storage._tenants))
+
+
+def test_create_is_local_and_opens_no_socket(
+    billing: Billing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """customers.create makes no network connection at all (sockets are blocked)."""
+
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a socket was opened")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked)
+    monkeypatch.setattr(socket, "create_connection", blocked)
+    monkeypatch.setattr(socket, "getaddrinfo", blocked)
+    customer = billing.customers.create(
+        "acme", email="ada@example.com", name="Ada", metadata={"plan": "free"}
+    )
+    assert customer.link is None
+    assert customer.sync_state is SyncState.LOCAL
+    assert billing.customers.get("acme", customer.id) == customer
+
+
+@responses.activate
+def test_create_in_stripe_sends_account_key_and_metadata(billing: Billing) -> None:
+    """create_in_stripe posts once, on the tenant's account, with an idempotency key and our metadata."""
+    customer = billing.customers.create("acme", email="ada@example.com", name="Ada")
+    responses.post(
+        f"{API}/v1/customers", json=build_customer(id="cus_NEW1", email="ada@example.com")
+    )
+    linked = billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert linked.link is not None
+    assert (linked.link.mode, linked.link.stripe_customer_id) == (Mode.TEST, "cus_NEW1")
+    assert linked.sync_state is SyncState.SYNCED
+    (call,) = responses.calls
+    assert call.request.headers["Stripe-Account"] == ACCOUNT
+    assert call.request.headers["Authorization"] == "Bearer sk_test_key"
+    assert call.request.headers["Idempotency-Key"].startswith("rb-")
+    form = _form(call)
+    assert form["metadata[rational_customer_id]"] == [customer.id]
+    assert form["metadata[rational_tenant]"] == ["acme"]
+    assert form["email"] == ["ada@example.com"]
+
+
+@responses.activate
+def test_create_in_stripe_retries_with_the_same_key_after_a_lost_response(
+    billing: Billing, clock: Clock
+) -> None:
+    """A connection error leaves the entry pending; the retry reuses the frozen key and links once."""
+    customer = billing.customers.create("acme", email="ada@example.com")
+    responses.post(f"{API}/v1/customers", body=requests.ConnectionError("reset"))
+    pending = billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert pending.link is None
+    assert pending.sync_state is SyncState.PENDING
+    responses.replace(responses.POST, f"{API}/v1/customers", json=build_customer(id="cus_NEW2"))
+    clock.now += timedelta(hours=1)
+    assert billing.sync.push_pending() == 1
+    keys = {c.request.headers["Idempotency-Key"] for c in responses.calls}
+    assert len(keys) == 1
+    linked = billing.customers.get("acme", customer.id)
+    assert linked.link is not None and linked.link.stripe_customer_id == "cus_NEW2"
+    # Calling again is a no-op: no second Stripe customer.
+    again = billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert again.link == linked.link
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_update_while_stripe_is_down_returns_pending_then_syncs(
+    billing: Billing, clock: Clock
+) -> None:
+    """update returns normally with sync_state 'pending' while Stripe fails, and push_pending syncs it."""
+    customer = billing.customers.create("acme", email="ada@example.com")
+    responses.post(f"{API}/v1/customers", json=build_customer(id="cus_U1"))
+    billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    responses.post(f"{API}/v1/customers/cus_U1", status=503, json={"error": {"message": "down"}})
+    updated = billing.customers.update("acme", customer.id, name="Ada L.", metadata={"tier": "pro"})
+    assert updated.sync_state is SyncState.PENDING
+    assert updated.name == "Ada L."
+    responses.replace(
+        responses.POST, f"{API}/v1/customers/cus_U1", json=build_customer(id="cus_U1")
+    )
+    assert billing.sync.push_pending() == 0  # backoff not elapsed
+    clock.now += timedelta(minutes=5)
+    assert billing.sync.push_pending() == 1
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.SYNCED
+    pushes = [c for c in responses.calls if c.request.url.endswith("/v1/customers/cus_U1")]
+    assert {c.request.headers["Idempotency-Key"] for c in pushes} == {
+        pushes[0].request.headers["Idempotency-Key"]
+    }
+    assert _form(pushes[-1]) == {"name": ["Ada L."], "metadata[tier]": ["pro"]}
+
+
+@responses.activate
+def test_permanent_error_goes_to_the_failed_list(billing: Billing, clock: Clock) -> None:
+    """A 400 moves the outbox entry to the failed list, marks the customer failed, and stops retrying."""
+    customer = billing.customers.create("acme", email="ada@example.com")
+    responses.post(f"{API}/v1/customers", json=build_customer(id="cus_F1"))
+    billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    responses.post(
+        f"{API}/v1/customers/cus_F1",
+        status=400,
+        json={
+            "error": {
+                "type": "invalid_request_error",
+                "message": "Invalid email",
+                "code": "email_invalid",
+            }
+        },
+    )
+    updated = billing.customers.update("acme", customer.id, email="bad@example.com")
+    assert updated.sync_state is SyncState.FAILED
+    with billing.storage.transaction() as tx:
+        (failed,) = tx.outbox_with_state(OutboxState.FAILED)
+    assert "Invalid email" in (failed.last_error or "")
+    clock.now += timedelta(days=1)
+    calls = len(responses.calls)
+    assert billing.sync.push_pending() == 0
+    assert len(responses.calls) == calls
+
+
+@responses.activate
+def test_metadata_none_deletes_the_key_locally_and_in_stripe(billing: Billing) -> None:
+    """A None metadata value removes the key here and is sent to Stripe as an empty string."""
+    customer = billing.customers.create(
+        "acme", email="a@example.com", metadata={"a": "1", "b": "2"}
+    )
+    responses.post(f"{API}/v1/customers", json=build_customer(id="cus_M1"))
+    billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    responses.post(f"{API}/v1/customers/cus_M1", json=build_customer(id="cus_M1"))
+    updated = billing.customers.update("acme", customer.id, metadata={"a": None})
+    assert dict(updated.metadata) == {"b": "2"}
+    assert _form(responses.calls[-1]) == {"metadata[a]": [""]}
+
+
+def test_list_pages_through_every_customer(billing: Billing) -> None:
+    """list yields every customer once, in id order, across pages."""
+    ids = [f"c{i:03d}" for i in range(25)]
+    for cid in reversed(ids):
+        billing.customers.create("acme", email=None, customer_id=cid)
+    assert [c.id for c in billing.customers.list("acme", page_size=7)] == ids
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda b: b.customers.create("nobody", email="a@example.com"), TenantNotFound),
+        (lambda b: b.customers.create("acme", email="not-an-email"), InvalidArgument),
+        (
+            lambda b: b.customers.create("acme", email=None, customer_id="has space"),
+            InvalidArgument,
+        ),
+        (lambda b: b.customers.create("acme", email=None, metadata={"k": 1}), InvalidArgument),
+        (lambda b: b.customers.get("acme", "missing"), CustomerNotFound),
+        (lambda b: b.customers.update("acme", "missing", name="x"), CustomerNotFound),
+        (lambda b: b.customers.create_in_stripe("acme", "c1", mode=Mode.LIVE), TenantNotConnected),
+        (lambda b: b.customers.create_in_stripe("acme", "c1", mode="sandbox"), InvalidArgument),
+        (lambda b: b.customers.create_in_stripe("ghost", "c1", mode=Mode.TEST), TenantNotFound),
+    ],
+)
+def test_bad_input_raises_a_specific_error_and_writes_nothing(
+    billing: Billing, call: Any, error: type
+) -> None:
+    """Unknown tenants/customers, bad ids, emails, metadata and modes raise and change nothing."""
+    billing.customers.create("acme", email="c1@example.com", customer_id="c1")
+    before = _snapshot(billing)
+    with responses.RequestsMock(), pytest.raises(error):  # any HTTP call fails the test
+        call(billing)
+    assert _snapshot(billing) == before
+
+
+def test_disconnected_tenant_cannot_create_in_stripe(billing: Billing) -> None:
+    """After disconnect, Stripe calls raise TenantNotConnected and local data stays."""
+    customer = billing.customers.create("acme", email="a@example.com")
+    billing.tenants.disconnect("acme")
+    with pytest.raises(TenantNotConnected):
+        billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert billing.customers.get("acme", customer.id) == customer
+
+
+def test_payload_helpers_round_trip() -> None:
+    """build_customer produces JSON-ready data (a sanity check for the builders used above)."""
+    assert json.loads(json.dumps(build_customer(id="cus_X")))["id"] == "cus_X"

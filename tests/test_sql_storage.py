@@ -1,0 +1,462 @@
+"""What `SQLStorage` promises beyond the storage contract: URLs, schema, backend details."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from rational_billing._config import Mode
+from rational_billing.domain.models import Customer, CustomerLink, OutboxEntry
+from rational_billing.errors import ConfigError, StorageError
+from rational_billing.storage import sql as sql_module
+from rational_billing.storage.sql import SQLStorage
+
+SECRET = "s3cr3t-Pa55"
+CLOCK_TIME = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _customer(customer_id: str, link: str | None = None) -> Customer:
+    return Customer(
+        id=customer_id,
+        tenant="t1",
+        email=None,
+        link=None if link is None else CustomerLink(Mode.TEST, link),
+        created_at=CLOCK_TIME,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _full_text(exc: BaseException) -> str:
+    """The message and the whole printed traceback, chained exceptions included."""
+    return "".join(traceback.format_exception(exc))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """The URL of a SQLite file that does not exist yet."""
+    return f"sqlite:///{tmp_path / 'billing.db'}"
+
+
+@pytest.fixture
+def open_storage() -> Iterator[Callable[..., SQLStorage]]:
+    """Opens SQLStorage instances and closes all of them after the test."""
+    opened: list[SQLStorage] = []
+
+    def open_(url: str, **kwargs: Any) -> SQLStorage:
+        storage = SQLStorage(url, **kwargs)
+        opened.append(storage)
+        return storage
+
+    yield open_
+    for storage in opened:
+        storage.close()
+
+
+def _touch(storage: SQLStorage) -> None:
+    with storage.transaction() as tx:
+        tx.get_tenant("t1")
+
+
+def _put(storage: SQLStorage, customer: Customer) -> None:
+    with storage.transaction() as tx:
+        tx.put_customer(customer)
+
+
+def _count_steps(monkeypatch: pytest.MonkeyPatch, *, delay: float = 0.0) -> list[int]:
+    """Append a migration step that records each time it runs."""
+    runs: list[int] = []
+    lock = threading.Lock()
+
+    def step(conn: Any) -> None:
+        with lock:
+            runs.append(1)
+        time.sleep(delay)  # widens the window in which a second migrator could slip in
+        conn.exec_driver_sql("CREATE TABLE rb_test_extra (x INTEGER)")
+
+    monkeypatch.setattr(sql_module, "_MIGRATIONS", (*sql_module._MIGRATIONS, step))
+    return runs
+
+
+# -- URLs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://user:{SECRET}@db.example:notaport/billing",
+        f"not a url {SECRET}",
+        f"mysql://user:{SECRET}@db.example/billing",
+        f"postgresql+psycopg2://user:{SECRET}@db.example/billing",
+        f"postgresql://user:{SECRET}@oops@db.example/billing",
+        "sqlite://",
+        "sqlite:///:memory:",
+    ],
+)
+def test_bad_url_raises_config_error_without_the_password(url: str) -> None:
+    """A malformed, unsupported or in-memory URL raises ConfigError that hides the password."""
+    with pytest.raises(ConfigError) as raised:
+        SQLStorage(url)
+    assert SECRET not in _full_text(raised.value)
+
+
+def test_config_error_message_names_what_is_expected() -> None:
+    """The ConfigError for an unsupported scheme names the scheme and the accepted forms."""
+    with pytest.raises(ConfigError, match="mysql") as raised:
+        SQLStorage(f"mysql://user:{SECRET}@db.example/billing")
+    assert "sqlite:///" in str(raised.value)
+    assert "user:***@db.example" in str(raised.value)
+
+
+def test_plain_postgresql_url_means_psycopg(open_storage: Callable[..., SQLStorage]) -> None:
+    """postgresql:// is rewritten to postgresql+psycopg://, and repr hides the password."""
+    storage = open_storage(f"postgresql://user:{SECRET}@127.0.0.1:1/billing")
+    assert storage._engine.url.drivername == "postgresql+psycopg"
+    assert SECRET not in repr(storage)
+    assert "user:***@127.0.0.1:1/billing" in repr(storage)
+
+
+def test_repr_hides_a_password_in_the_query(open_storage: Callable[..., SQLStorage]) -> None:
+    """A password passed as a query parameter is hidden as well."""
+    storage = open_storage(f"postgresql://user@127.0.0.1/billing?password={SECRET}&sslmode=disable")
+    assert SECRET not in repr(storage)
+    assert "sslmode=disable" in repr(storage)
+
+
+def test_unreachable_postgres_raises_storage_error(
+    open_storage: Callable[..., SQLStorage],
+) -> None:
+    """A server that does not answer gives StorageError, chained, without the password."""
+    storage = open_storage(f"postgresql://user:{SECRET}@127.0.0.1:{_free_port()}/billing")
+    with pytest.raises(StorageError, match="cannot connect") as raised:
+        _touch(storage)
+    assert raised.value.__cause__ is not None
+    assert SECRET not in str(raised.value)
+
+
+def test_unopenable_sqlite_file_raises_storage_error(
+    tmp_path: Path, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """A SQLite file in a folder that does not exist gives StorageError."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'missing' / 'billing.db'}")
+    with pytest.raises(StorageError):
+        _touch(storage)
+
+
+def test_missing_sql_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing the module without SQLAlchemy raises ConfigError naming the sql extra."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    monkeypatch.delitem(sys.modules, "rational_billing.storage.sql")
+    with pytest.raises(ConfigError, match=r"pip install 'rational-billing\[sql\]'"):
+        importlib.import_module("rational_billing.storage.sql")
+
+
+def test_missing_psycopg_names_the_sql_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL URL without psycopg installed raises ConfigError naming the sql extra."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError, match=r"pip install 'rational-billing\[sql\]'"):
+        SQLStorage("postgresql://user@127.0.0.1/billing")
+
+
+# -- schema -----------------------------------------------------------------------
+
+
+def test_first_transaction_records_the_schema_version(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """The first transaction creates the schema and records version 1 at the clock's time."""
+    storage = open_storage(sqlite_url, clock=lambda: CLOCK_TIME)
+    assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()  # nothing before first use
+    _touch(storage)
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        rows = raw.execute("SELECT version, applied_at FROM rb_schema_version").fetchall()
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    raw.close()
+    assert rows == [(len(sql_module._MIGRATIONS), CLOCK_TIME.isoformat())]
+    assert {
+        "rb_tenants",
+        "rb_customers",
+        "rb_products",
+        "rb_events",
+        "rb_mirrors",
+        "rb_outbox",
+        "rb_schema_version",
+    } <= tables
+
+
+def test_reopening_does_not_rerun_migrations(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration step runs once per database, however often it is opened."""
+    _touch(open_storage(sqlite_url))
+    runs = _count_steps(monkeypatch)
+    for _ in range(3):
+        _touch(open_storage(sqlite_url))
+    assert runs == [1]
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        versions = [r[0] for r in raw.execute("SELECT version FROM rb_schema_version")]
+    raw.close()
+    assert versions == [1, 2]
+
+
+def test_newer_schema_is_refused(sqlite_url: str, open_storage: Callable[..., SQLStorage]) -> None:
+    """A database migrated by a newer release raises StorageError instead of being used."""
+    _touch(open_storage(sqlite_url))
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        raw.execute("INSERT INTO rb_schema_version VALUES (99, 'later')")
+    raw.close()
+    with pytest.raises(StorageError, match="schema version 99"):
+        _touch(open_storage(sqlite_url))
+
+
+def test_concurrent_migration_on_sqlite(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several storages opening one new SQLite file at once migrate it exactly once."""
+    runs = _count_steps(monkeypatch, delay=0.2)
+    storages = [open_storage(sqlite_url) for _ in range(4)]
+    start = threading.Barrier(len(storages))
+
+    def open_(storage: SQLStorage) -> None:
+        start.wait(timeout=30)
+        _touch(storage)
+
+    with ThreadPoolExecutor(len(storages)) as pool:
+        list(pool.map(open_, storages))
+    assert runs == [1]
+
+
+# -- SQLite -----------------------------------------------------------------------
+
+
+def test_sqlite_uses_wal_busy_timeout_and_foreign_keys(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """SQLite files are in WAL mode, and every connection waits for locks and checks FKs."""
+    storage = open_storage(sqlite_url)
+    _touch(storage)
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    raw.close()
+    with storage._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_sqlite_read_modify_write_from_many_storages_loses_nothing(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """BEGIN IMMEDIATE serialises writers of separate storages: no lost update, no 'locked'."""
+    entry = OutboxEntry(
+        id="ob_1",
+        tenant="t1",
+        mode=Mode.TEST,
+        operation="customer.update",
+        customer_id="c1",
+        params={},
+        idempotency_key="key-1",
+        created_at=CLOCK_TIME,
+    )
+    with open_storage(sqlite_url).transaction() as tx:
+        tx.put_outbox(entry)
+    storages = [open_storage(sqlite_url) for _ in range(4)]
+    rounds = 15
+
+    def bump(storage: SQLStorage) -> None:
+        for _ in range(rounds):
+            with storage.transaction() as tx:
+                current = tx.get_outbox("ob_1")
+                assert current is not None
+                tx.put_outbox(attrs.evolve(current, attempts=current.attempts + 1))
+
+    with ThreadPoolExecutor(len(storages)) as pool:
+        list(pool.map(bump, storages))
+    with storages[0].transaction() as tx:
+        final = tx.get_outbox("ob_1")
+    assert final is not None
+    assert final.attempts == rounds * len(storages)
+
+
+def test_corrupt_row_raises_storage_error(
+    sqlite_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """A stored row that no longer decodes raises StorageError naming the model."""
+    storage = open_storage(sqlite_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("c1"))
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
+        raw.execute("UPDATE rb_customers SET data = '{\"id\": 1}'")
+    raw.close()
+    with pytest.raises(StorageError, match="Customer"), storage.transaction() as tx:
+        tx.get_customer("t1", "c1")
+
+
+# -- both backends --------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database URL on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'billing.db'}"
+    url: str = request.getfixturevalue("pg_storage_url")
+    return url
+
+
+def test_link_conflict_leaves_the_transaction_usable(
+    any_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """A refused link raises before writing anything, so the block may go on and commit."""
+    storage = open_storage(any_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("c1", link="cus_X"))
+        tx.put_customer(_customer("c2", link="cus_Y"))
+    with storage.transaction() as tx:
+        with pytest.raises(StorageError, match="already linked"):
+            tx.put_customer(_customer("c2", link="cus_X"))
+        tx.put_customer(_customer("c3"))
+    with storage.transaction() as tx:
+        assert tx.customer_by_link("t1", Mode.TEST, "cus_Y") == _customer("c2", link="cus_Y")
+        assert tx.customer_by_link("t1", Mode.TEST, "cus_X") == _customer("c1", link="cus_X")
+        assert tx.get_customer("t1", "c3") == _customer("c3")
+
+
+def test_close_disposes_the_pool(any_url: str) -> None:
+    """close() closes pooled connections, and may be called twice."""
+    storage = SQLStorage(any_url)
+    _touch(storage)
+    assert storage._engine.pool.checkedin() == 1
+    storage.close()
+    assert storage._engine.pool.checkedin() == 0
+    storage.close()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_concurrent_migration_on_postgres(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several storages (threads) starting on one new database migrate it exactly once."""
+    runs = _count_steps(monkeypatch, delay=0.2)
+    storages = [open_storage(pg_storage_url) for _ in range(6)]
+    start = threading.Barrier(len(storages))
+
+    def open_(storage: SQLStorage) -> None:
+        start.wait(timeout=30)
+        _touch(storage)
+
+    with ThreadPoolExecutor(len(storages)) as pool:
+        list(pool.map(open_, storages))
+    assert runs == [1]
+    _touch(open_storage(pg_storage_url))
+    assert runs == [1]
+
+
+@pytest.mark.postgres
+def test_test_databases_do_not_collate_bytewise(pg_storage_url: str) -> None:
+    """The per-test database sorts text by locale, so the contract's id-order test bites."""
+    import psycopg
+
+    with psycopg.connect(pg_storage_url.replace("+psycopg", "")) as conn:
+        row = conn.execute("SELECT 'a' < 'B'").fetchone()
+    assert row == (True,)
+
+
+@pytest.mark.postgres
+def test_failed_statement_aborts_the_transaction(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """After a database error, later statements and the commit raise; nothing is committed."""
+    storage = open_storage(pg_storage_url)
+
+    def swallow_an_error() -> None:
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1"))
+            with pytest.raises(StorageError, match="DataError"):
+                tx.put_customer(_customer("bad\x00id"))
+            with pytest.raises(StorageError, match="aborted"):
+                tx.get_customer("t1", "c1")
+
+    with pytest.raises(StorageError, match="rolled back"):
+        swallow_an_error()
+    with storage.transaction() as tx:
+        assert tx.get_customer("t1", "c1") is None
+
+
+@pytest.mark.postgres
+def test_failed_statement_in_a_nested_block_spares_the_outer_one(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """A nested block that swallowed a database error rolls back alone; the outer one commits."""
+    storage = open_storage(pg_storage_url)
+
+    def swallow_an_error() -> None:
+        with storage.transaction() as inner:
+            inner.put_customer(_customer("c2"))
+            with pytest.raises(StorageError):
+                inner.put_customer(_customer("bad\x00id"))
+
+    with storage.transaction() as outer:
+        outer.put_customer(_customer("c1"))
+        with pytest.raises(StorageError, match="rolled back"):
+            swallow_an_error()
+        outer.put_customer(_customer("c3"))
+    with storage.transaction() as tx:
+        ids = [c.id for c in tx.list_customers("t1", after=None, limit=10)]
+    assert ids == ["c1", "c3"]
+
+
+@pytest.mark.postgres
+def test_concurrent_link_race_is_an_integrity_storage_error(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """Two transactions linking one Stripe customer at once: the loser gets an IntegrityError."""
+    import psycopg
+
+    storage = open_storage(pg_storage_url)
+    _touch(storage)
+    first_wrote = threading.Event()
+
+    def first() -> None:
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1", link="cus_X"))
+            first_wrote.set()
+            # Commit only once the other transaction waits on the unique index.
+            with psycopg.connect(pg_storage_url.replace("+psycopg", "")) as admin:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    waiting = admin.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    row = waiting.fetchone()
+                    if row is not None and row[0] > 0:
+                        break
+                    time.sleep(0.01)
+
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(first)
+        assert first_wrote.wait(timeout=30)
+        with pytest.raises(StorageError, match="IntegrityError") as raised:
+            _put(storage, _customer("c2", link="cus_X"))
+        done.result()
+    assert "UniqueViolation" in str(raised.value)
+    with storage.transaction() as tx:
+        assert tx.customer_by_link("t1", Mode.TEST, "cus_X") == _customer("c1", link="cus_X")
