@@ -408,6 +408,38 @@ def test_billing_config_repr_hides_storage_password() -> None:
     assert "billing:***@db" in repr(config)
 
 
+# RFC 3986 lets a URL password hold unreserved characters, sub-delims and %XX escapes.
+url_passwords = st.text(
+    alphabet=string.ascii_letters + string.digits + "-._~!$&'()*+,;=%", min_size=1, max_size=20
+).map(lambda tail: "S3cr3t" + tail)
+
+
+@given(password=url_passwords, scheme=st.sampled_from(["postgresql+psycopg", "postgresql"]))
+def test_storage_password_never_in_repr_property(password: str, scheme: str) -> None:
+    """For any URL-legal password, repr() and str() of the config never show it."""
+    config = BillingConfig(
+        test=_test_keys(), storage_url=f"{scheme}://billing:{password}@db.internal:5432/billing"
+    )
+    assert password not in repr(config)
+    assert password not in str(config)
+    assert config.storage_url.endswith("@db.internal:5432/billing")
+
+
+@given(password=url_passwords, url=st.sampled_from(["mysql://u:{}@h/db", "postgresql:/u:{}@h/db"]))
+def test_malformed_storage_url_never_echoes_password_property(password: str, url: str) -> None:
+    """For any URL-legal password, the error for a malformed storage URL never shows it."""
+    with pytest.raises(ConfigError, match="malformed storage URL") as info:
+        BillingConfig(test=_test_keys(), storage_url=url.format(password))
+    assert password not in _exception_text(info.value)
+
+
+def test_storage_password_with_colon_is_redacted() -> None:
+    """A password may legally contain ':' (RFC 3986), and none of it is shown."""
+    config = _full_config("postgresql+psycopg://billing:S3cr3t:part2@db/billing")
+    assert "S3cr3t" not in repr(config)
+    assert "part2" not in repr(config)
+
+
 @given(mode=modes, key_body=secret_bodies, whsec_bodies=st.lists(secret_bodies, max_size=3))
 def test_secrets_never_in_repr_property(mode: Mode, key_body: str, whsec_bodies: list[str]) -> None:
     """For any valid keys, neither repr() nor str() of the config shows a secret."""
@@ -755,3 +787,25 @@ def test_from_mapping_matches_from_toml(tmp_path: Path) -> None:
     assert BillingConfig.from_mapping(tomllib.loads(FULL_TOML)) == BillingConfig.from_toml(
         _write(tmp_path, FULL_TOML)
     )
+
+
+def test_tolerance_and_rate_limits_reject_wrong_types() -> None:
+    """A bool tolerance and a string rate limit are ConfigErrors, not silent or TypeErrors."""
+    with pytest.raises(ConfigError, match="webhook_tolerance"):
+        BillingConfig(test=_test_keys(), webhook_tolerance=True)
+    with pytest.raises(ConfigError, match="rate limit"):
+        RateLimits(test="5")  # type: ignore[arg-type]
+
+
+def test_from_env_rejects_secrets_without_a_key() -> None:
+    """RB_LIVE_WEBHOOK_SECRETS without RB_LIVE_SECRET_KEY is an error, not silently dropped."""
+    env = {"RB_TEST_SECRET_KEY": TEST_KEY, "RB_LIVE_WEBHOOK_SECRETS": "whsec_live"}
+    with pytest.raises(ConfigError, match="RB_LIVE_SECRET_KEY"):
+        BillingConfig.from_env(env)
+
+
+def test_api_base_credentials_are_not_echoed() -> None:
+    """A malformed api_base carrying user:password@ does not echo the password."""
+    with pytest.raises(ConfigError) as info:
+        BillingConfig(test=_test_keys(), api_base=f"ftp://u:{DB_PASSWORD}@host")
+    assert DB_PASSWORD not in str(info.value)

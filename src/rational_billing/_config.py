@@ -24,6 +24,7 @@ _SECRET_KEY_PREFIXES = {
 _MASK = "'***'"
 _STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "memory")
 _ENV_PREFIX = "RB_"
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&]password=)[^&#]*")
 
 
 class Mode(enum.Enum):
@@ -99,7 +100,7 @@ class RateLimits:
     def __attrs_post_init__(self) -> None:
         for name in ("test", "live", "search"):
             value = getattr(self, name)
-            if not value > 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"rate limit {name!r} must be positive, got {value!r}")
 
     def for_mode(self, mode: Mode) -> float:
@@ -113,19 +114,30 @@ def _check_storage_url(url: str) -> None:
     scheme = urlsplit(url).scheme
     if scheme not in _STORAGE_SCHEMES or "://" not in url:
         raise ConfigError(
-            f"malformed storage URL {_redact_url(url)!r}: expected sqlite:///path, "
+            f"malformed storage URL {redact_url(url)!r}: expected sqlite:///path, "
             "postgresql+psycopg://user@host/db or memory://"
         )
     if scheme == "sqlite" and not url.startswith("sqlite:///"):
         raise ConfigError(
-            f"malformed storage URL {_redact_url(url)!r}: a SQLite URL is sqlite:///relative.db "
+            f"malformed storage URL {redact_url(url)!r}: a SQLite URL is sqlite:///relative.db "
             "or sqlite:////absolute.db"
         )
 
 
-def _redact_url(url: str) -> str:
-    """The URL without its password, safe for messages and logs."""
-    return re.sub(r"(?<=:)[^:/@]*(?=@)", "***", url)
+def redact_url(url: str) -> str:
+    """The URL without its password, safe for messages and logs.
+
+    The credentials end at the last ``@`` and the password starts at the first
+    ``:`` after the last ``/`` before it, so a password may itself hold ``:``.
+    """
+    credentials, at, host = url.rpartition("@")
+    if not at:
+        return _QUERY_PASSWORD.sub(r"\g<head>***", url)
+    prefix, slash, userinfo = credentials.rpartition("/")
+    user, colon, _ = userinfo.partition(":")
+    if colon:
+        url = f"{prefix}{slash}{user}:***@{host}"
+    return _QUERY_PASSWORD.sub(r"\g<head>***", url)
 
 
 def _check_api_base(url: str | None) -> None:
@@ -133,7 +145,7 @@ def _check_api_base(url: str | None) -> None:
         return
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"malformed api_base {url!r}: expected http(s)://host[:port]")
+        raise ConfigError(f"malformed api_base {redact_url(url)!r}: expected http(s)://host[:port]")
 
 
 @attrs.frozen
@@ -162,7 +174,7 @@ class BillingConfig:
     live: ModeKeys | None = None
     api_base: str | None = None
     storage_url: str = attrs.field(
-        default="sqlite:///rational_billing.db", repr=lambda url: repr(_redact_url(url))
+        default="sqlite:///rational_billing.db", repr=lambda url: repr(redact_url(url))
     )
     webhook_tolerance: int = 300
     rate_limits: RateLimits = attrs.Factory(RateLimits)
@@ -176,7 +188,8 @@ class BillingConfig:
                 _validate_keys(mode, keys)
         _check_api_base(self.api_base)
         _check_storage_url(self.storage_url)
-        if not isinstance(self.webhook_tolerance, int) or self.webhook_tolerance <= 0:
+        tolerance = self.webhook_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance <= 0:
             raise ConfigError(
                 f"webhook_tolerance must be a positive number of seconds, got {self.webhook_tolerance!r}"
             )
@@ -208,6 +221,11 @@ class BillingConfig:
             prefix = f"{_ENV_PREFIX}{mode.name}_"
             key = env.get(prefix + "SECRET_KEY")
             if key is None:
+                orphans = [n for n in ("WEBHOOK_SECRETS", "CONNECT_CLIENT_ID") if prefix + n in env]
+                if orphans:
+                    raise ConfigError(
+                        f"environment: {prefix}{orphans[0]} is set but {prefix}SECRET_KEY is not"
+                    )
                 continue
             secrets = [s.strip() for s in env.get(prefix + "WEBHOOK_SECRETS", "").split(",")]
             raw[mode.value] = {

@@ -53,6 +53,11 @@ class InMemoryStorage:
         self._mirrors: dict[tuple[type[Any], str, Mode, str], MirrorRecord] = {}
         self._mirrors_by_customer: dict[tuple[type[Any], str, Mode, str], dict[str, None]] = {}
         self._outbox: dict[str, OutboxEntry] = {}
+        # Secondary indexes (key -> ordered set of primary keys), so no lookup scans.
+        self._customers_by_tenant: dict[str, dict[str, None]] = {}
+        self._events_by_outcome: dict[EventOutcome, dict[str, None]] = {}
+        self._outbox_by_state: dict[OutboxState, dict[str, None]] = {}
+        self._outbox_by_customer: dict[tuple[str, str], dict[str, None]] = {}
         self._depth = 0
         self._undo: list[Callable[[], None]] = []
 
@@ -96,6 +101,19 @@ class InMemoryStorage:
         if old is not _MISSING:
             self._undo.append(lambda: _restore(table, key, old))
         return None if old is _MISSING else old
+
+    def _index_add(self, index: dict[Any, dict[Any, None]], key: Any, member: Any) -> None:
+        members = index.get(key)
+        if members is None:
+            members = {}
+            self._set(index, key, members)
+        if member not in members:
+            self._set(members, member, None)
+
+    def _index_remove(self, index: dict[Any, dict[Any, None]], key: Any, member: Any) -> None:
+        members = index.get(key)
+        if members is not None and member in members:
+            self._pop(members, member)
 
 
 def _restore(table: dict[Any, Any], key: Any, old: Any) -> None:
@@ -155,8 +173,7 @@ class _MemoryTransaction:
         s = self._s
         key = (customer.tenant, customer.id)
         old = s._customers.get(key)
-        if old is not None and old.link is not None:
-            s._pop(s._customer_by_link, (old.tenant, old.link.mode, old.link.stripe_customer_id))
+        link_key = None
         if customer.link is not None:
             link_key = (customer.tenant, customer.link.mode, customer.link.stripe_customer_id)
             holder = s._customer_by_link.get(link_key)
@@ -165,14 +182,19 @@ class _MemoryTransaction:
                     f"Stripe customer {customer.link.stripe_customer_id!r} is already linked "
                     f"to customer {holder!r} of tenant {customer.tenant!r}"
                 )
+        if old is not None and old.link is not None:
+            s._pop(s._customer_by_link, (old.tenant, old.link.mode, old.link.stripe_customer_id))
+        if link_key is not None:
             s._set(s._customer_by_link, link_key, customer.id)
         s._set(s._customers, key, customer)
+        s._index_add(s._customers_by_tenant, customer.tenant, customer.id)
 
     def delete_customer(self, tenant: str, customer_id: str) -> bool:
         s = self._s
         old = s._pop(s._customers, (tenant, customer_id))
         if old is None:
             return False
+        s._index_remove(s._customers_by_tenant, tenant, customer_id)
         if old.link is not None:
             s._pop(s._customer_by_link, (tenant, old.link.mode, old.link.stripe_customer_id))
         return True
@@ -216,8 +238,16 @@ class _MemoryTransaction:
     def record_event(self, event: ProcessedEvent) -> bool:
         if event.event_id in self._s._events:
             return False
-        self._s._set(self._s._events, event.event_id, event)
+        self._put_event(event)
         return True
+
+    def _put_event(self, event: ProcessedEvent) -> None:
+        s = self._s
+        old = s._events.get(event.event_id)
+        if old is not None:
+            s._index_remove(s._events_by_outcome, old.outcome, old.event_id)
+        s._set(s._events, event.event_id, event)
+        s._index_add(s._events_by_outcome, event.outcome, event.event_id)
 
     def get_event(self, event_id: str) -> ProcessedEvent | None:
         return self._s._events.get(event_id)
@@ -225,15 +255,16 @@ class _MemoryTransaction:
     def update_event(self, event: ProcessedEvent) -> None:
         if event.event_id not in self._s._events:
             raise StorageError(f"no stored event {event.event_id!r} to update")
-        self._s._set(self._s._events, event.event_id, event)
+        self._put_event(event)
 
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
     ) -> Sequence[ProcessedEvent]:
+        events = self._s._events
         found = [
-            e
-            for e in self._s._events.values()
-            if e.outcome is outcome and (account is None or e.account == account)
+            events[eid]
+            for eid in self._s._events_by_outcome.get(outcome, {})
+            if account is None or events[eid].account == account
         ]
         found.sort(key=lambda e: (e.received_at, e.event_id))
         return found[:limit]
@@ -277,7 +308,15 @@ class _MemoryTransaction:
 
     # -- outbox --------------------------------------------------------------
     def put_outbox(self, entry: OutboxEntry) -> None:
-        self._s._set(self._s._outbox, entry.id, entry)
+        s = self._s
+        old = s._outbox.get(entry.id)
+        if old is not None:
+            s._index_remove(s._outbox_by_state, old.state, old.id)
+            s._index_remove(s._outbox_by_customer, (old.tenant, old.customer_id), old.id)
+        s._set(s._outbox, entry.id, entry)
+        s._index_add(s._outbox_by_state, entry.state, entry.id)
+        if entry.state is OutboxState.PENDING:
+            s._index_add(s._outbox_by_customer, (entry.tenant, entry.customer_id), entry.id)
 
     def get_outbox(self, entry_id: str) -> OutboxEntry | None:
         return self._s._outbox.get(entry_id)
@@ -293,7 +332,7 @@ class _MemoryTransaction:
         return due[:limit]
 
     def outbox_with_state(self, state: OutboxState, *, limit: int = 100) -> Sequence[OutboxEntry]:
-        found = [e for e in self._s._outbox.values() if e.state is state]
+        found = [self._s._outbox[i] for i in self._s._outbox_by_state.get(state, {})]
         found.sort(key=lambda e: (e.created_at, e.id))
         return found[:limit]
 

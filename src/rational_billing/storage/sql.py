@@ -28,7 +28,6 @@ This module needs the ``sql`` extra; without SQLAlchemy, importing it raises
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from typing import Any, Final, TypeVar
 
 from cattrs.errors import BaseValidationError
 
-from .._config import Mode
+from .._config import Mode, redact_url
 from ..domain._serde import structure, unstructure
 from ..domain.models import (
     Customer,
@@ -93,15 +92,7 @@ def _utcnow() -> datetime:
 
 # -- URLs ---------------------------------------------------------------------
 
-_USERINFO_PASSWORD = re.compile(r"^(?P<head>[^:/?#]+://[^:/@?#]*:).*@")
-_QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&]password=)[^&#]*")
 _EXPECTED_URL: Final = "expected sqlite:///path.db or postgresql+psycopg://user@host/dbname"
-
-
-def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (up to the last ``@``, to be safe)."""
-    url = _USERINFO_PASSWORD.sub(r"\g<head>***@", url)
-    return _QUERY_PASSWORD.sub(r"\g<head>***", url)
 
 
 def _parse_url(url: str) -> sa.URL:
@@ -115,11 +106,11 @@ def _parse_url(url: str) -> sa.URL:
         parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError):
         # SQLAlchemy's own message repeats the URL, password included: do not chain it.
-        raise ConfigError(f"malformed storage URL {_redact(url)!r}: {_EXPECTED_URL}") from None
+        raise ConfigError(f"malformed storage URL {redact_url(url)!r}: {_EXPECTED_URL}") from None
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         if not parsed.database or parsed.database == ":memory:" or "mode=memory" in url:
             raise ConfigError(
-                f"storage URL {_redact(url)!r} names an in-memory SQLite database, which "
+                f"storage URL {redact_url(url)!r} names an in-memory SQLite database, which "
                 "each connection would see empty: use InMemoryStorage, or a file "
                 "(sqlite:///billing.db)"
             )
@@ -127,12 +118,12 @@ def _parse_url(url: str) -> sa.URL:
     if parsed.drivername in ("postgresql", "postgresql+psycopg"):
         if parsed.host is not None and "@" in parsed.host:
             raise ConfigError(
-                f"malformed storage URL {_redact(url)!r}: percent-encode '@' in the "
+                f"malformed storage URL {redact_url(url)!r}: percent-encode '@' in the "
                 "user name or password as %40"
             )
         return parsed.set(drivername="postgresql+psycopg")
     raise ConfigError(
-        f"unsupported storage URL scheme {parsed.drivername!r} in {_redact(url)!r}: {_EXPECTED_URL}"
+        f"unsupported storage URL scheme {parsed.drivername!r} in {redact_url(url)!r}: {_EXPECTED_URL}"
     )
 
 
@@ -706,7 +697,7 @@ class SQLStorage:
 
     def __init__(self, url: str, *, clock: Clock | None = None) -> None:
         parsed = _parse_url(url)
-        self._display = _redact(url)
+        self._display = redact_url(url)
         self._postgres = parsed.get_backend_name() == "postgresql"
         self._clock = clock or _utcnow
         self._queries = _Queries(postgres=self._postgres)

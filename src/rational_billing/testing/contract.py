@@ -565,6 +565,20 @@ class StorageContract:
             assert tx.customer_by_link("t1", TEST, "cus_Y") == _customer("c2", link=(TEST, "cus_Y"))
             assert tx.get_customer("t1", "c3") is None
 
+    def test_refused_link_leaves_the_transaction_usable(self, storage: Storage) -> None:
+        """A refused link changes nothing, so a block that catches the error may commit."""
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1", link=(TEST, "cus_X")))
+            tx.put_customer(_customer("c2", link=(TEST, "cus_Y")))
+        with storage.transaction() as tx:
+            with pytest.raises(StorageError):
+                tx.put_customer(_customer("c2", link=(TEST, "cus_X")))
+            tx.put_customer(_customer("c3"))
+        with storage.transaction() as tx:
+            assert tx.customer_by_link("t1", TEST, "cus_X") == _customer("c1", link=(TEST, "cus_X"))
+            assert tx.customer_by_link("t1", TEST, "cus_Y") == _customer("c2", link=(TEST, "cus_Y"))
+            assert tx.get_customer("t1", "c3") == _customer("c3")
+
     def test_insert_customer_with_a_held_link_is_refused(self, storage: Storage) -> None:
         """insert_customer of a new customer with a held link raises StorageError."""
         with storage.transaction() as tx:
