@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from hypothesis import HealthCheck, settings
 
@@ -11,6 +12,10 @@ pytest_plugins = [
     "tests.fixtures.localstripe",
     "tests.fixtures.webhook_sink",
 ]
+
+# stripe-python writes a telemetry id under $XDG_CONFIG_HOME/stripe on its first
+# request; keep that out of the user's home (docs/decisions.md).
+os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp(prefix="rb-tests-xdg-"))
 
 settings.register_profile(
     "ci",
