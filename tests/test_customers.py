@@ -12,7 +12,7 @@ import pytest
 import requests
 import responses
 
-from rational_billing import Billing, BillingConfig, Mode, ModeKeys, SyncState
+from rational_billing import Billing, BillingConfig, EventOutcome, Mode, ModeKeys, SyncState
 from rational_billing.adapters._retry import RetryPolicy
 from rational_billing.adapters.stripe_gateway import StripeGateway
 from rational_billing.domain.models import OutboxState
@@ -22,7 +22,13 @@ from rational_billing.errors import (
     TenantNotConnected,
     TenantNotFound,
 )
-from rational_billing.testing import InMemoryStorage, RecordingMailer, build_customer
+from rational_billing.testing import (
+    InMemoryStorage,
+    RecordingMailer,
+    build_customer,
+    make_event,
+    sign_payload,
+)
 
 API = "https://api.stripe.com"
 ACCOUNT = "acct_1TENANTAAAAAAA"
@@ -249,3 +255,152 @@ def test_disconnected_tenant_cannot_create_in_stripe(billing: Billing) -> None:
 def test_payload_helpers_round_trip() -> None:
     """build_customer produces JSON-ready data (a sanity check for the builders used above)."""
     assert json.loads(json.dumps(build_customer(id="cus_X")))["id"] == "cus_X"
+
+
+# -- Stripe -> local: the conflict rule, echoes and revalidation (issue 3) -----------------
+
+
+def _deliver(billing: Billing, event: dict[str, Any], clock: Clock) -> Any:
+    payload = json.dumps(event).encode()
+    headers = sign_payload(payload, "whsec_x", timestamp=int(clock.now.timestamp()))
+    return billing.webhooks.handle(payload, headers)
+
+
+def _updated(stripe_id: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    obj = build_customer(id=stripe_id, **fields)
+    return make_event("customer.updated", obj, account=ACCOUNT, created=int(at.timestamp()))
+
+
+def _linked(billing: Billing, stripe_id: str, **fields: Any) -> Any:
+    customer = billing.customers.create("acme", **fields)
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers", json=build_customer(id=stripe_id))
+        return billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+
+
+def test_a_newer_stripe_change_wins_over_an_older_pending_local_change(
+    billing: Billing, clock: Clock
+) -> None:
+    """A local change stuck in the outbox is cancelled by a newer Stripe change, never pushed."""
+    customer = _linked(billing, "cus_W1", email="a@example.com", name="Old")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_W1", status=503, json={})
+        pending = billing.customers.update("acme", customer.id, name="Local")
+    assert pending.sync_state is SyncState.PENDING
+    event = _updated(
+        "cus_W1", clock.now + timedelta(seconds=30), email="a@example.com", name="Dash"
+    )
+    clock.now += timedelta(minutes=1)
+    with responses.RequestsMock():  # no push and no revalidation: the event is strictly newer
+        assert _deliver(billing, event, clock).outcome is EventOutcome.APPLIED
+        assert billing.sync.push_pending() == 0
+    final = billing.customers.get("acme", customer.id)
+    assert (final.name, final.sync_state) == ("Dash", SyncState.SYNCED)
+    with billing.storage.transaction() as tx:
+        (cancelled,) = tx.outbox_with_state(OutboxState.CANCELLED)
+    assert cancelled.operation == "customer.update" and "superseded" in (cancelled.last_error or "")
+
+
+def test_a_stripe_change_older_than_the_local_change_is_stale(
+    billing: Billing, clock: Clock
+) -> None:
+    """An event from before the last local change is recorded stale and changes nothing."""
+    customer = _linked(billing, "cus_S1", email="a@example.com")
+    clock.now += timedelta(minutes=5)
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_S1", json=build_customer(id="cus_S1"))
+        billing.customers.update("acme", customer.id, name="Local")
+    old = _updated("cus_S1", clock.now - timedelta(minutes=1), email="a@example.com", name="Old")
+    assert _deliver(billing, old, clock).outcome is EventOutcome.STALE
+    assert billing.customers.get("acme", customer.id).name == "Local"
+
+
+def test_the_echo_of_our_push_in_the_same_second_costs_no_call(
+    billing: Billing, clock: Clock
+) -> None:
+    """The customer.updated our own push causes matches local state: no change, no re-fetch."""
+    customer = _linked(billing, "cus_E1", email="a@example.com")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_E1", json=build_customer(id="cus_E1"))
+        billing.customers.update("acme", customer.id, name="Same")
+    echo = _updated("cus_E1", clock.now, email="a@example.com", name="Same")
+    with responses.RequestsMock():
+        response = _deliver(billing, echo, clock)
+    assert response.outcome is EventOutcome.APPLIED and "echo" in response.message
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.SYNCED
+
+
+def test_a_different_change_in_the_same_second_is_revalidated_from_stripe(
+    billing: Billing, clock: Clock
+) -> None:
+    """A same-second event that differs is applied, then the customer is re-fetched and Stripe's state kept."""
+    customer = _linked(billing, "cus_T1", email="a@example.com")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_T1", json=build_customer(id="cus_T1"))
+        billing.customers.update("acme", customer.id, name="Local")
+    tie = _updated("cus_T1", clock.now, email="a@example.com", name="Racing")
+    with responses.RequestsMock() as mock:
+        mock.get(
+            f"{API}/v1/customers/cus_T1",
+            json=build_customer(id="cus_T1", email="a@example.com", name="Truth"),
+        )
+        response = _deliver(billing, tie, clock)
+        (fetch,) = mock.calls
+    assert "revalidat" in response.message
+    assert fetch.request.headers["Stripe-Account"] == ACCOUNT
+    assert fetch.request.headers["Authorization"] == "Bearer sk_test_key"
+    final = billing.customers.get("acme", customer.id)
+    assert (final.name, final.sync_state) == ("Truth", SyncState.SYNCED)
+
+
+def test_a_failed_revalidation_stays_queued_for_push_pending(
+    billing: Billing, clock: Clock
+) -> None:
+    """When the re-fetch fails, the event is still applied and push_pending re-fetches later."""
+    customer = _linked(billing, "cus_R1", email="a@example.com")
+    tie = _updated("cus_R1", customer.stripe_marker or clock.now, email="a@example.com", name="X")
+    with responses.RequestsMock() as mock:
+        mock.get(f"{API}/v1/customers/cus_R1", status=503, json={})
+        assert _deliver(billing, tie, clock).status_code == 200
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.PENDING
+    clock.now += timedelta(minutes=5)
+    with responses.RequestsMock() as mock:
+        mock.get(
+            f"{API}/v1/customers/cus_R1",
+            json=build_customer(id="cus_R1", email="a@example.com", name="Y"),
+        )
+        assert billing.sync.push_pending() == 1
+    final = billing.customers.get("acme", customer.id)
+    assert (final.name, final.sync_state) == ("Y", SyncState.SYNCED)
+
+
+def test_changes_owed_by_a_disconnected_tenant_wait_for_reconnection(
+    billing: Billing, clock: Clock
+) -> None:
+    """While a tenant is disconnected its queued pushes are kept, not sent and not failed."""
+    customer = _linked(billing, "cus_D1", email="a@example.com")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_D1", status=503, json={})
+        billing.customers.update("acme", customer.id, name="Queued")
+    billing.tenants.disconnect("acme")
+    clock.now += timedelta(hours=2)
+    with responses.RequestsMock():
+        assert billing.sync.push_pending() == 0
+    assert billing.sync.failed() == []
+    billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+    clock.now += timedelta(hours=2)
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_D1", json=build_customer(id="cus_D1"))
+        assert billing.sync.push_pending() == 1
+        assert _form(mock.calls[0]) == {"name": ["Queued"]}
+
+
+def test_listing_an_unknown_tenant_raises_and_a_disconnected_one_still_lists(
+    billing: Billing,
+) -> None:
+    """list names an unknown tenant's mistake; a disconnected tenant's data stays readable."""
+    with pytest.raises(TenantNotFound):
+        next(billing.customers.list("ghost"))
+    customer = billing.customers.create("acme", email="kept@example.com")
+    billing.tenants.disconnect("acme")
+    assert list(billing.customers.list("acme")) == [customer]

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from ._config import BillingConfig, Mode, ModeKeys, RateLimits
 from .billing import Billing
-from .domain.access import AccessPolicy
+from .domain.access import AccessPolicy, AccessSummary, Denial, DenialReason, Grant
 from .domain.models import (
     Customer,
     CustomerLink,
     EventOutcome,
+    Invitation,
+    InvitationState,
+    OutboxEntry,
+    OutboxState,
     Product,
     SyncState,
     Tenant,
@@ -20,7 +24,9 @@ from .domain.models import (
 )
 from .ports import Email, Mailer, Storage, Transaction
 from .services.customers import UNSET
-from .services.webhooks import WebhookResponse
+from .services.invitations import InvitationSettings, InvitationTemplate
+from .services.tenants import OnboardingStatus
+from .services.webhooks import ReplayReport, WebhookResponse
 
 __all__ = [
     "Billing",
@@ -41,5 +47,19 @@ __all__ = [
     "Storage",
     "Transaction",
     "WebhookResponse",
+    "ReplayReport",
     "UNSET",
+    # tenants, customers and invitations (issue 3)
+    "Invitation",
+    "InvitationSettings",
+    "InvitationState",
+    "InvitationTemplate",
+    "OnboardingStatus",
+    "OutboxEntry",
+    "OutboxState",
+    # products, subscriptions and access (issue 4)
+    "AccessSummary",
+    "Denial",
+    "DenialReason",
+    "Grant",
 ]

@@ -1,4 +1,4 @@
-"""The ``rational-billing`` command: ``demo`` and ``doctor``.
+"""The ``rational-billing`` command: ``demo``, ``doctor`` and ``events replay``.
 
 Configuration comes from ``RB_*`` environment variables or ``--config FILE``
 (TOML); see `BillingConfig.from_env` and `BillingConfig.from_toml`.
@@ -12,11 +12,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._config import BillingConfig, Mode, ModeKeys
-from .errors import BillingError
+from .errors import BillingError, InvalidArgument
 from .services.webhooks import WebhookResponse
 
 if TYPE_CHECKING:
@@ -36,10 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--db", help="SQLite file to use (default: a new temporary file)")
     doctor = commands.add_parser("doctor", help="check the configuration and the storage")
     doctor.add_argument("--config", help="TOML configuration file (default: RB_* variables)")
+    _add_events_commands(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args.db)
+        if args.command == "events":
+            return _events_replay(args)
         return _doctor(args.config)
     except BillingError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -167,6 +171,65 @@ def _doctor(config_path: str | None) -> int:
         print(f"[!!] storage: {exc}")
         problems += 1
     return 1 if problems else 0
+
+
+# -- events replay ------------------------------------------------------------------
+
+
+def _add_events_commands(commands: Any) -> None:
+    events = commands.add_parser("events", help="stored webhook events")
+    actions = events.add_subparsers(dest="events_command", required=True)
+    replay = actions.add_parser(
+        "replay",
+        help="apply stored events again through the handlers (idempotent)",
+        description="Apply stored webhook events again, each in its own transaction. "
+        "Filters combine; at least one is required.",
+    )
+    replay.add_argument(
+        "--since", metavar="ISO", help="events received at or after this time (UTC if no offset)"
+    )
+    replay.add_argument(
+        "--type", dest="types", action="append", metavar="TYPE", help="only this type (repeatable)"
+    )
+    replay.add_argument(
+        "--id", dest="ids", action="append", metavar="EVENT_ID", help="this event (repeatable)"
+    )
+    replay.add_argument("--config", help="TOML configuration file (default: RB_* variables)")
+
+
+def _parse_since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r} is not an ISO 8601 time") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _events_replay(args: argparse.Namespace) -> int:
+    from .billing import Billing
+
+    if not (args.since or args.types or args.ids):
+        print(
+            "error: pass --since, --type or --id (replaying everything is not a default)",
+            file=sys.stderr,
+        )
+        return 2
+    since = _parse_since(args.since)
+    config = BillingConfig.from_toml(args.config) if args.config else BillingConfig.from_env()
+    billing = Billing(config=config)
+    try:
+        report = billing.webhooks.replay(args.ids, since=since, types=args.types)
+    finally:
+        billing.close()
+    counts = ", ".join(f"{n} {o.value}" for o, n in sorted(report.outcomes.items(), key=str))
+    print(f"replayed {report.replayed} event(s)" + (f": {counts}" if counts else ""))
+    for event_id in report.failed:
+        print(f"[!!] {event_id} failed again; it is recorded as failed and will be retried")
+    for event_id in report.missing:
+        print(f"[!!] {event_id} is not stored (or has no stored body)")
+    return 1 if report.failed or report.missing else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

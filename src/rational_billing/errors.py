@@ -6,9 +6,11 @@ library means to raise, and nothing else::
     BillingError
     ├── ConfigError                 bad keys, secrets, modes, URLs or options
     ├── InvalidArgument             a malformed id or argument (also a ValueError)
+    │   └── OAuthStateError         the OAuth state is unknown, already used or expired
     ├── TenantNotConnected          no connection for that tenant (or that mode)
     │   └── TenantNotFound          the tenant was never registered
     ├── CustomerNotFound            no local customer with that id
+    ├── ProductNotFound             no local product with that id
     ├── NotLinked                   the customer has no Stripe link
     ├── AlreadyLinked               the Stripe customer is linked to someone else
     ├── RemapConfirmationRequired   .impact says who gains and loses what
@@ -16,7 +18,9 @@ library means to raise, and nothing else::
     │   ├── WebhookSignatureError   bad, missing, stale or wrong-mode signature
     │   └── WebhookPayloadError     the body is not a Stripe event
     ├── StripeAPIError              Stripe said no (.request_id, .retryable)
-    │   └── StripeCustomerNotFound  absent in that account and mode, or deleted
+    │   ├── StripeCustomerNotFound  absent in that account and mode, or deleted
+    │   └── StripeProductNotFound   absent in that account and mode, or deleted
+    ├── StripeObjectError           a Stripe object lacks a field we need (also a ValueError)
     └── StorageError                the storage backend failed
 
 Errors carry context (tenant, mode, Stripe request id) as attributes. They never
@@ -35,9 +39,11 @@ __all__ = [
     "BillingError",
     "ConfigError",
     "InvalidArgument",
+    "OAuthStateError",
     "TenantNotConnected",
     "TenantNotFound",
     "CustomerNotFound",
+    "ProductNotFound",
     "NotLinked",
     "AlreadyLinked",
     "RemapConfirmationRequired",
@@ -46,6 +52,8 @@ __all__ = [
     "WebhookPayloadError",
     "StripeAPIError",
     "StripeCustomerNotFound",
+    "StripeProductNotFound",
+    "StripeObjectError",
     "StorageError",
 ]
 
@@ -63,6 +71,14 @@ class ConfigError(BillingError):
 
 class InvalidArgument(BillingError, ValueError):
     """An argument is malformed, such as a Stripe id with the wrong prefix."""
+
+
+class OAuthStateError(InvalidArgument):
+    """The OAuth ``state`` is unknown, was already used, or has expired.
+
+    Each ``state`` from `TenantService.authorize_url` completes at most one
+    connection (CSRF protection): start again with a new authorize URL.
+    """
 
 
 class TenantNotConnected(BillingError):
@@ -85,6 +101,15 @@ class CustomerNotFound(BillingError):
         super().__init__(f"tenant {tenant!r} has no customer {customer_id!r}")
         self.tenant = tenant
         self.customer_id = customer_id
+
+
+class ProductNotFound(BillingError):
+    """No local product has that id in that tenant."""
+
+    def __init__(self, tenant: str, product_id: str) -> None:
+        super().__init__(f"tenant {tenant!r} has no product {product_id!r}")
+        self.tenant = tenant
+        self.product_id = product_id
 
 
 class NotLinked(BillingError):
@@ -168,6 +193,18 @@ class StripeAPIError(BillingError):
 
 class StripeCustomerNotFound(StripeAPIError):
     """The Stripe customer is absent in that account and mode, or it was deleted."""
+
+
+class StripeProductNotFound(StripeAPIError):
+    """The Stripe product is absent in that account and mode, or it was deleted."""
+
+
+class StripeObjectError(BillingError, ValueError):
+    """A Stripe object lacks a field the library needs (an id, a customer), or has a wrong type.
+
+    Webhook handlers record such an event as ignored, with this message as the
+    reason, and change nothing.
+    """
 
 
 class StorageError(BillingError):

@@ -7,9 +7,9 @@ can bring its own `Storage` and check it with the contract kit in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import attrs
@@ -19,13 +19,16 @@ from .domain.models import (
     Customer,
     Dispute,
     EventOutcome,
+    Invitation,
     Invoice,
     MirrorResult,
     OutboxEntry,
     OutboxState,
+    PendingConnection,
     ProcessedEvent,
     Product,
     Refund,
+    StripeReference,
     Subscription,
     Tenant,
 )
@@ -132,13 +135,56 @@ class Transaction(Protocol):
         ...
 
     def update_event(self, event: ProcessedEvent) -> None:
-        """Replace the stored event with the same id (its outcome changed)."""
+        """Replace the stored event with the same id (its outcome changed).
+
+        The body is written once: a stored ``payload`` is kept (the body of an
+        event id never changes), and a missing one is filled in from ``event``.
+        """
         ...
 
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
     ) -> Sequence[ProcessedEvent]:
         """Stored events with that outcome, oldest first, optionally for one account."""
+        ...
+
+    # -- webhook inbox (workers and replay) ----------------------------------
+    def lock_event(self, event_id: str) -> ProcessedEvent | None:
+        """The stored event, or None; locked until this transaction ends.
+
+        A concurrent transaction locking the same event waits, then sees what
+        this one committed: so two deliveries of a stored pending or failed
+        event never both apply it.
+        """
+        ...
+
+    def claim_events(
+        self, now: datetime, *, limit: int, lease: timedelta
+    ) -> Sequence[ProcessedEvent]:
+        """Lease up to ``limit`` events that are due for a worker, in the order they fell due.
+
+        Due: ``pending`` events (at ``next_attempt_at``, or at once when it is
+        None) and ``failed`` events whose ``next_attempt_at`` has come. A
+        claimed event is not claimed again before ``now + lease`` unless it is
+        written again (`update_event` ends the lease). Concurrent claims never
+        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        """
+        ...
+
+    def list_events(
+        self,
+        *,
+        since: datetime | None = None,
+        types: Collection[str] | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 100,
+    ) -> Sequence[ProcessedEvent]:
+        """Stored events ordered by (``received_at``, ``event_id``), for replay.
+
+        Only those received at or after ``since``, of one of ``types``, and
+        strictly after the cursor ``after`` (the ``(received_at, event_id)`` of
+        the last event of the previous page), up to ``limit``.
+        """
         ...
 
     # -- mirrored Stripe records ---------------------------------------------
@@ -179,6 +225,86 @@ class Transaction(Protocol):
 
     def outbox_for_customer(self, tenant: str, customer_id: str) -> Sequence[OutboxEntry]:
         """The customer's pending entries, oldest first (indexed lookup)."""
+        ...
+
+    # -- Connect onboarding in progress (issue 3) ------------------------------
+    def put_pending_connection(self, pending: PendingConnection) -> None:
+        """Insert or replace the pending connection with ``pending.key``."""
+        ...
+
+    def get_pending_connection(self, key: str) -> PendingConnection | None:
+        """The pending connection, or None."""
+        ...
+
+    def take_pending_connection(self, key: str) -> PendingConnection | None:
+        """Remove the pending connection and return it; None when there is none.
+
+        Atomic: of two concurrent transactions taking the same key, exactly one
+        gets it once both commit (a single-use OAuth ``state``).
+        """
+        ...
+
+    # -- invitations (issue 3) --------------------------------------------------
+    def insert_invitation(self, invitation: Invitation) -> bool:
+        """Insert if absent, keyed by (tenant, mode, Stripe customer id); True when inserted.
+
+        Atomic: of two concurrent transactions inserting the same key, exactly
+        one sees True once both commit.
+        """
+        ...
+
+    def get_invitation(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Invitation | None:
+        """The invitation, or None."""
+        ...
+
+    def put_invitation(self, invitation: Invitation) -> None:
+        """Insert or replace the invitation with that key."""
+        ...
+
+    def claim_invitation(
+        self, tenant: str, mode: Mode, stripe_customer_id: str, *, now: datetime, until: datetime
+    ) -> Invitation | None:
+        """Lease a pending invitation that is due at ``now`` until ``until``; None otherwise.
+
+        The returned invitation has ``next_attempt_at=until``, so nobody else
+        claims it meanwhile. Of two concurrent claims, at most one succeeds.
+        """
+        ...
+
+    def due_invitations(self, now: datetime, *, limit: int) -> Sequence[Invitation]:
+        """Pending invitations due at ``now``, oldest first (indexed lookup)."""
+        ...
+
+    # -- products, subscriptions and access (issue 4) ----------------------------
+    def list_products(self, tenant: str, *, after: str | None, limit: int) -> Sequence[Product]:
+        """Up to ``limit`` products of the tenant with id > ``after``, ordered by id."""
+        ...
+
+    def add_reference(self, reference: StripeReference) -> bool:
+        """Store the reference unless it is stored already; True when it was new.
+
+        References are facts that never change, so they are only ever added.
+        """
+        ...
+
+    def references_from(self, tenant: str, mode: Mode, source_id: str) -> Sequence[StripeReference]:
+        """The references that ``source_id`` states, ordered by (relation, target) (indexed)."""
+        ...
+
+    def references_to(self, tenant: str, mode: Mode, target_id: str) -> Sequence[StripeReference]:
+        """The references that name ``target_id``, ordered by (relation, source) (indexed)."""
+        ...
+
+    def set_subscription_products(
+        self, tenant: str, mode: Mode, subscription_id: str, stripe_product_ids: Collection[str]
+    ) -> None:
+        """Index the subscription under exactly these Stripe products (replacing the old set)."""
+        ...
+
+    def subscriptions_for_stripe_product(
+        self, tenant: str, mode: Mode, stripe_product_id: str
+    ) -> Sequence[str]:
+        """Ids of the subscriptions indexed under that Stripe product, ordered (indexed)."""
         ...
 
 

@@ -7,20 +7,27 @@ rolls back a transaction whose block raised.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
+
+import attrs
 
 from .._config import Mode
 from ..domain.models import (
     Customer,
     EventOutcome,
+    Invitation,
+    InvitationState,
     MirrorResult,
     OutboxEntry,
     OutboxState,
+    PendingConnection,
     ProcessedEvent,
     Product,
+    Relation,
+    StripeReference,
     Tenant,
 )
 from ..errors import StorageError
@@ -58,6 +65,18 @@ class InMemoryStorage:
         self._events_by_outcome: dict[EventOutcome, dict[str, None]] = {}
         self._outbox_by_state: dict[OutboxState, dict[str, None]] = {}
         self._outbox_by_customer: dict[tuple[str, str], dict[str, None]] = {}
+        # Connect onboarding and invitations (issue 3).
+        self._pending_connections: dict[str, PendingConnection] = {}
+        self._invitations: dict[tuple[str, Mode, str], Invitation] = {}
+        self._invitations_pending: dict[tuple[str, Mode, str], None] = {}
+        # Inbox leases: event id -> until when a worker holds it (claim_events).
+        self._event_leases: dict[str, datetime] = {}
+        # Products, references and the subscription-product index (issue 4).
+        self._products_by_tenant: dict[str, dict[str, None]] = {}
+        self._references_from: dict[tuple[str, Mode, str], dict[tuple[Relation, str], None]] = {}
+        self._references_to: dict[tuple[str, Mode, str], dict[tuple[Relation, str], None]] = {}
+        self._subscription_products: dict[tuple[str, Mode, str], frozenset[str]] = {}
+        self._subscriptions_by_product: dict[tuple[str, Mode, str], dict[str, None]] = {}
         self._depth = 0
         self._undo: list[Callable[[], None]] = []
 
@@ -227,6 +246,7 @@ class _MemoryTransaction:
                     s._set(s._products_by_stripe, key, index)
                 s._set(index, product.id, None)
         s._set(s._products, (product.tenant, product.id), product)
+        s._index_add(s._products_by_tenant, product.tenant, product.id)
 
     def products_by_stripe_product(
         self, tenant: str, mode: Mode, stripe_product_id: str
@@ -246,6 +266,8 @@ class _MemoryTransaction:
         old = s._events.get(event.event_id)
         if old is not None:
             s._index_remove(s._events_by_outcome, old.outcome, old.event_id)
+            if event.event_id in s._event_leases:
+                s._pop(s._event_leases, event.event_id)  # a write ends the lease
         s._set(s._events, event.event_id, event)
         s._index_add(s._events_by_outcome, event.outcome, event.event_id)
 
@@ -253,8 +275,11 @@ class _MemoryTransaction:
         return self._s._events.get(event_id)
 
     def update_event(self, event: ProcessedEvent) -> None:
-        if event.event_id not in self._s._events:
+        old = self._s._events.get(event.event_id)
+        if old is None:
             raise StorageError(f"no stored event {event.event_id!r} to update")
+        if old.payload is not None and event.payload is not old.payload:
+            event = attrs.evolve(event, payload=old.payload)  # the body is written once
         self._put_event(event)
 
     def events_with_outcome(
@@ -265,6 +290,57 @@ class _MemoryTransaction:
             events[eid]
             for eid in self._s._events_by_outcome.get(outcome, {})
             if account is None or events[eid].account == account
+        ]
+        found.sort(key=lambda e: (e.received_at, e.event_id))
+        return found[:limit]
+
+    # -- webhook inbox -------------------------------------------------------
+    def lock_event(self, event_id: str) -> ProcessedEvent | None:
+        # The storage lock already serialises whole transactions.
+        return self._s._events.get(event_id)
+
+    def _due_at(self, event: ProcessedEvent) -> datetime | None:
+        due: datetime | None
+        if event.outcome is EventOutcome.PENDING:
+            due = event.next_attempt_at or event.received_at
+        elif event.outcome is EventOutcome.FAILED:
+            due = event.next_attempt_at
+        else:
+            return None
+        lease = self._s._event_leases.get(event.event_id)
+        return due if due is None or lease is None else max(due, lease)
+
+    def claim_events(
+        self, now: datetime, *, limit: int, lease: timedelta
+    ) -> Sequence[ProcessedEvent]:
+        s = self._s
+        due: list[tuple[datetime, str]] = []
+        for outcome in (EventOutcome.PENDING, EventOutcome.FAILED):
+            for event_id in s._events_by_outcome.get(outcome, {}):
+                at = self._due_at(s._events[event_id])
+                if at is not None and at <= now:
+                    due.append((at, event_id))
+        due.sort()
+        claimed = [s._events[event_id] for _, event_id in due[:limit]]
+        for event in claimed:
+            s._set(s._event_leases, event.event_id, now + lease)
+        return claimed
+
+    def list_events(
+        self,
+        *,
+        since: datetime | None = None,
+        types: Collection[str] | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 100,
+    ) -> Sequence[ProcessedEvent]:
+        wanted = None if types is None else frozenset(types)
+        found = [
+            e
+            for e in self._s._events.values()
+            if (since is None or e.received_at >= since)
+            and (wanted is None or e.type in wanted)
+            and (after is None or (e.received_at, e.event_id) > after)
         ]
         found.sort(key=lambda e: (e.received_at, e.event_id))
         return found[:limit]
@@ -346,3 +422,114 @@ class _MemoryTransaction:
         ]
         found.sort(key=lambda e: (e.created_at, e.id))
         return found
+
+    # -- Connect onboarding in progress (issue 3) ------------------------------
+    def put_pending_connection(self, pending: PendingConnection) -> None:
+        self._s._set(self._s._pending_connections, pending.key, pending)
+
+    def get_pending_connection(self, key: str) -> PendingConnection | None:
+        return self._s._pending_connections.get(key)
+
+    def take_pending_connection(self, key: str) -> PendingConnection | None:
+        found: PendingConnection | None = self._s._pop(self._s._pending_connections, key)
+        return found
+
+    # -- invitations (issue 3) --------------------------------------------------
+    def insert_invitation(self, invitation: Invitation) -> bool:
+        key = (invitation.tenant, invitation.mode, invitation.stripe_customer_id)
+        if key in self._s._invitations:
+            return False
+        self.put_invitation(invitation)
+        return True
+
+    def get_invitation(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Invitation | None:
+        return self._s._invitations.get((tenant, mode, stripe_customer_id))
+
+    def put_invitation(self, invitation: Invitation) -> None:
+        s = self._s
+        key = (invitation.tenant, invitation.mode, invitation.stripe_customer_id)
+        s._set(s._invitations, key, invitation)
+        if invitation.state is InvitationState.PENDING:
+            if key not in s._invitations_pending:
+                s._set(s._invitations_pending, key, None)
+        elif key in s._invitations_pending:
+            s._pop(s._invitations_pending, key)
+
+    def claim_invitation(
+        self, tenant: str, mode: Mode, stripe_customer_id: str, *, now: datetime, until: datetime
+    ) -> Invitation | None:
+        found = self._s._invitations.get((tenant, mode, stripe_customer_id))
+        if found is None or not _invitation_due(found, now):
+            return None
+        claimed = attrs.evolve(found, next_attempt_at=until)
+        self.put_invitation(claimed)
+        return claimed
+
+    def due_invitations(self, now: datetime, *, limit: int) -> Sequence[Invitation]:
+        invitations = self._s._invitations
+        due = [
+            invitations[key]
+            for key in self._s._invitations_pending
+            if _invitation_due(invitations[key], now)
+        ]
+        due.sort(key=lambda i: (i.created_at, i.tenant, i.stripe_customer_id))
+        return due[:limit]
+
+    # -- products, references and the subscription-product index (issue 4) ------
+    def list_products(self, tenant: str, *, after: str | None, limit: int) -> Sequence[Product]:
+        ids = sorted(
+            pid
+            for pid in self._s._products_by_tenant.get(tenant, {})
+            if after is None or pid > after
+        )
+        return [self._s._products[(tenant, pid)] for pid in ids[:limit]]
+
+    def add_reference(self, reference: StripeReference) -> bool:
+        s = self._s
+        r = reference
+        forward = (r.relation, r.target_id)
+        if forward in s._references_from.get((r.tenant, r.mode, r.source_id), {}):
+            return False
+        s._index_add(s._references_from, (r.tenant, r.mode, r.source_id), forward)
+        s._index_add(s._references_to, (r.tenant, r.mode, r.target_id), (r.relation, r.source_id))
+        return True
+
+    def references_from(self, tenant: str, mode: Mode, source_id: str) -> Sequence[StripeReference]:
+        found = self._s._references_from.get((tenant, mode, source_id), {})
+        return [
+            StripeReference(tenant, mode, source_id, relation, target)
+            for relation, target in sorted(found, key=lambda k: (k[0].value, k[1]))
+        ]
+
+    def references_to(self, tenant: str, mode: Mode, target_id: str) -> Sequence[StripeReference]:
+        found = self._s._references_to.get((tenant, mode, target_id), {})
+        return [
+            StripeReference(tenant, mode, source, relation, target_id)
+            for relation, source in sorted(found, key=lambda k: (k[0].value, k[1]))
+        ]
+
+    def set_subscription_products(
+        self, tenant: str, mode: Mode, subscription_id: str, stripe_product_ids: Collection[str]
+    ) -> None:
+        s = self._s
+        key = (tenant, mode, subscription_id)
+        new = frozenset(stripe_product_ids)
+        old = s._subscription_products.get(key, frozenset())
+        if new == old:
+            return
+        for product in old - new:
+            s._index_remove(s._subscriptions_by_product, (tenant, mode, product), subscription_id)
+        for product in new - old:
+            s._index_add(s._subscriptions_by_product, (tenant, mode, product), subscription_id)
+        s._set(s._subscription_products, key, new)
+
+    def subscriptions_for_stripe_product(
+        self, tenant: str, mode: Mode, stripe_product_id: str
+    ) -> Sequence[str]:
+        return sorted(self._s._subscriptions_by_product.get((tenant, mode, stripe_product_id), {}))
+
+
+def _invitation_due(invitation: Invitation, now: datetime) -> bool:
+    return invitation.state is InvitationState.PENDING and (
+        invitation.next_attempt_at is None or invitation.next_attempt_at <= now
+    )

@@ -36,6 +36,15 @@ __all__ = [
     "OutboxEntry",
     "MirrorResult",
     "utc",
+    # tenants and customers (issue 3)
+    "PendingConnection",
+    "InvitationState",
+    "Invitation",
+    # products, subscriptions and access (issue 4)
+    "StripePrice",
+    "StripeProduct",
+    "Relation",
+    "StripeReference",
 ]
 
 
@@ -134,10 +143,17 @@ class Product:
     stripe_test_product_id: str | None = None
     stripe_live_product_id: str | None = None
     created_at: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    # What the mapped Stripe product and its prices looked like when last seen (issue 4).
+    stripe_test: StripeProduct | None = None
+    stripe_live: StripeProduct | None = None
 
     def stripe_product_id(self, mode: Mode) -> str | None:
         """The mapped Stripe product id in ``mode``."""
         return self.stripe_live_product_id if mode is Mode.LIVE else self.stripe_test_product_id
+
+    def stripe_product(self, mode: Mode) -> StripeProduct | None:
+        """The mapped Stripe product in ``mode`` as last seen (name, flags, prices), or None."""
+        return self.stripe_live if mode is Mode.LIVE else self.stripe_test
 
 
 @attrs.frozen
@@ -149,6 +165,10 @@ class SubscriptionItem:
     stripe_product_id: str | None
     quantity: int = 1
     current_period_end: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    currency: str | None = None
+    unit_amount: int | None = None
+    interval: str | None = None
+    interval_count: int | None = None
 
 
 @attrs.frozen
@@ -165,6 +185,15 @@ class Subscription:
     cancel_at_period_end: bool = False
     past_due_since: datetime | None = attrs.field(default=None, converter=_utc_or_none)
     marker: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    latest_invoice_id: str | None = None
+    created: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    ended_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    # History that ``past_due_since`` is derived from, whatever order events came in:
+    # the latest event that changed the status to past_due, the latest time it was
+    # seen not past_due, and the first time it was seen past_due after that.
+    past_due_changed_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    not_past_due_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    past_due_seen_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
 
 
 @attrs.frozen
@@ -185,6 +214,9 @@ class Invoice:
     next_payment_attempt: datetime | None = attrs.field(default=None, converter=_utc_or_none)
     first_failed_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
     marker: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    payment_intent_id: str | None = None
+    created: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    paid_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
 
 
 @attrs.frozen
@@ -202,6 +234,8 @@ class Dispute:
     invoice_id: str | None = None
     reason: str | None = None
     marker: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    payment_intent_id: str | None = None
+    created: datetime | None = attrs.field(default=None, converter=_utc_or_none)
 
 
 @attrs.frozen
@@ -218,6 +252,8 @@ class Refund:
     stripe_customer_id: str | None = None
     invoice_id: str | None = None
     marker: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    payment_intent_id: str | None = None
+    created: datetime | None = attrs.field(default=None, converter=_utc_or_none)
 
 
 class EventOutcome(enum.Enum):
@@ -237,7 +273,8 @@ class ProcessedEvent:
     """A verified webhook event and its outcome, keyed by the Stripe event id.
 
     ``payload`` keeps the raw body for events that still have to be applied
-    (held or pending) and for replay.
+    (held or pending) and for replay. ``next_attempt_at`` is when an inbox
+    worker may next try a pending or failed event (None: not scheduled).
     """
 
     event_id: str
@@ -252,6 +289,7 @@ class ProcessedEvent:
     payload: bytes | None = None
     attempts: int = 0
     received_at: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
+    next_attempt_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
 
 
 class OutboxState(enum.Enum):
@@ -260,6 +298,7 @@ class OutboxState(enum.Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # superseded (a newer Stripe change, a deleted customer)
 
 
 @attrs.frozen
@@ -292,3 +331,128 @@ class MirrorResult(enum.Enum):
     APPLIED = "applied"
     TIE = "tie"  # same-second marker: applied, and must be revalidated
     STALE = "stale"  # older than what is stored: skipped
+
+
+# -- tenants and customers (issue 3) ------------------------------------------------
+
+
+@attrs.frozen
+class PendingConnection:
+    """A Connect onboarding that has started and not finished.
+
+    ``kind`` is ``"oauth"`` (``key`` is derived from the single-use ``state``
+    and ``expires_at`` is set) or ``"account_link"`` (``key`` names the tenant;
+    ``stripe_account_id`` is the account being onboarded, once created).
+    ``idempotency_key`` is the key of the request that creates the account.
+    """
+
+    key: str
+    tenant: str
+    mode: Mode
+    kind: str
+    created_at: datetime = attrs.field(converter=utc)
+    expires_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    stripe_account_id: str | None = None
+    redirect_uri: str | None = None
+    idempotency_key: str | None = None
+
+
+class InvitationState(enum.Enum):
+    """Where an invitation email stands (§4a.7)."""
+
+    PENDING = "pending"  # to be sent, at ``next_attempt_at`` when set
+    SENT = "sent"
+    NO_EMAIL = "no_email"  # the Stripe customer has no email address: nothing to send
+
+
+@attrs.frozen
+class Invitation:
+    """The invitation owed to a customer created in Stripe: one per Stripe customer.
+
+    Keyed by (tenant, mode, Stripe customer id). ``message_id`` is derived
+    from the tenant and the local customer, so a resend after a crash carries
+    the same ``Message-ID`` and can be deduplicated downstream.
+    """
+
+    tenant: str
+    mode: Mode
+    stripe_customer_id: str
+    customer_id: str
+    email: str | None
+    message_id: str
+    created_at: datetime = attrs.field(converter=utc)
+    state: InvitationState = InvitationState.PENDING
+    attempts: int = 0
+    next_attempt_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    last_error: str | None = None
+    sent_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+
+
+# -- products, subscriptions and access (issue 4) -------------------------------------
+
+
+@attrs.frozen
+class StripePrice:
+    """A price (or a legacy plan) of a mapped Stripe product, as last seen.
+
+    ``active`` false means archived in Stripe; ``deleted`` means deleted there.
+    Subscriptions already on the price keep their access either way.
+    """
+
+    stripe_id: str
+    kind: str = "price"  # "price", or "plan" for the legacy object
+    currency: str | None = None
+    unit_amount: int | None = None
+    interval: str | None = None
+    interval_count: int | None = None
+    nickname: str | None = None
+    active: bool = True
+    deleted: bool = False
+    marker: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+
+
+@attrs.frozen
+class StripeProduct:
+    """A Stripe product that a local product maps to, with its prices, as last seen.
+
+    ``marker`` orders product events; each price has a marker of its own.
+    """
+
+    stripe_id: str
+    name: str | None = None
+    active: bool = True
+    deleted: bool = False
+    prices: tuple[StripePrice, ...] = ()
+    marker: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+
+    @property
+    def flagged(self) -> bool:
+        """True when the product or one of its prices is archived or deleted in Stripe."""
+        return (
+            self.deleted or not self.active or any(p.deleted or not p.active for p in self.prices)
+        )
+
+
+class Relation(enum.Enum):
+    """How one Stripe object names another, in a `StripeReference`."""
+
+    PAYS = "pays"  # a charge or payment intent paid an invoice
+    DISPUTES = "disputes"  # a dispute is about a charge or payment intent
+    REFUNDS = "refunds"  # a refund gives back (part of) a charge or payment intent
+    SAME_PAYMENT = "same_payment"  # a charge and its payment intent
+
+
+@attrs.frozen
+class StripeReference:
+    """A fact that one Stripe object names another, such as "ch_1 pays in_1" (§4a.10).
+
+    References never change in Stripe, so they are stored once and never
+    updated: whatever order the events arrive in, the same set results. They
+    let a dispute reach its subscription through its charge and invoice.
+    """
+
+    tenant: str
+    mode: Mode
+    source_id: str
+    relation: Relation
+    target_id: str

@@ -5,37 +5,74 @@ freezes its request parameters and idempotency key, so a retry after a
 timeout, a crash or a restart sends exactly the same request and Stripe
 creates nothing twice.
 
-- A retryable failure keeps the entry pending with a backoff.
+- A retryable failure keeps the entry pending with a backoff (capped at 1 h).
 - A permanent 4xx moves it to the failed list with its error.
-- An entry older than 23 h, or one that keeps getting the same 5xx, is first
-  checked against Stripe's state, because Stripe may have forgotten the key.
+- An entry that keeps getting the same 5xx (Stripe replays a saved 5xx under
+  the same key) is resolved by checking Stripe's state, then failed.
+- An entry older than 23 h is first checked against Stripe's state, because
+  Stripe may have forgotten its key: ``create_in_stripe`` lists customers
+  with that email and reads their metadata (never Search, which lags).
+
+Operations:
+
+- ``customer.create``: ``POST /v1/customers``; the result links the customer.
+- ``customer.update``: ``POST /v1/customers/{id}`` with the changed fields.
+- ``customer.tag``: ``POST /v1/customers/{id}`` writing or clearing our own
+  metadata (``rational_customer_id``) on link and unlink; a customer that no
+  longer exists has nothing to tag, so 404 completes it.
+- ``customer.refresh``: ``GET /v1/customers/{id}``, applied by the customer
+  service; used to revalidate after a same-second tie or a Stripe-created
+  customer, so that reordered events converge on Stripe's state.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 
 from .._config import Mode
-from ..domain.models import Customer, CustomerLink, OutboxEntry, OutboxState, SyncState
+from ..domain.models import (
+    Customer,
+    CustomerLink,
+    OutboxEntry,
+    OutboxState,
+    SyncState,
+    Tenant,
+)
 from ..errors import StripeAPIError
 from ..ports import Clock, Storage, StripeAPI, Transaction
 
-__all__ = ["CREATE_CUSTOMER", "UPDATE_CUSTOMER", "Outbox", "new_entry"]
+__all__ = [
+    "CREATE_CUSTOMER",
+    "REFRESH_CUSTOMER",
+    "TAG_CUSTOMER",
+    "UPDATE_CUSTOMER",
+    "Outbox",
+    "ResultHandler",
+    "cancel_pending",
+    "new_entry",
+]
 
 log = logging.getLogger("rational_billing.outbox")
 
 CREATE_CUSTOMER = "customer.create"
 UPDATE_CUSTOMER = "customer.update"
+TAG_CUSTOMER = "customer.tag"
+REFRESH_CUSTOMER = "customer.refresh"
 
 _KEY_TTL = timedelta(hours=23)
 _MAX_BACKOFF = timedelta(hours=1)
 _SAME_5XX_LIMIT = 5
+
+#: Applies what Stripe answered to local state, inside the transaction that marks
+#: the entry done: ``handler(tx, entry, result)``.
+ResultHandler = Callable[[Transaction, OutboxEntry, Mapping[str, Any]], None]
 
 
 def new_entry(
@@ -47,9 +84,14 @@ def new_entry(
     params: Mapping[str, Any],
     now: datetime,
 ) -> OutboxEntry:
-    """A pending entry with a fresh idempotency key (one per local operation)."""
+    """A pending entry with a fresh idempotency key (one per local operation).
+
+    Entries are pushed in (``created_at``, ``id``) order; the id starts with the
+    wall-clock nanoseconds so that two entries written in the same instant of
+    an injected (or coarse) clock still go out in the order they were written.
+    """
     return OutboxEntry(
-        id=uuid.uuid4().hex,
+        id=f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}",
         tenant=tenant,
         mode=mode,
         operation=operation,
@@ -60,12 +102,59 @@ def new_entry(
     )
 
 
+def cancel_pending(
+    tx: Transaction,
+    tenant: str,
+    customer_id: str,
+    *,
+    operations: Iterable[str],
+    reason: str,
+    stripe_customer_id: str | None = None,
+    created_before: datetime | None = None,
+) -> list[OutboxEntry]:
+    """Cancel the customer's pending entries of ``operations``; returns the cancelled ones.
+
+    Only entries aimed at ``stripe_customer_id`` (when given) and written
+    before ``created_before`` (when given) are cancelled. A cancelled entry is
+    never sent; its ``last_error`` says why.
+    """
+    wanted = frozenset(operations)
+    cancelled = []
+    for entry in tx.outbox_for_customer(tenant, customer_id):
+        if entry.operation not in wanted:
+            continue
+        if (
+            stripe_customer_id is not None
+            and entry.params.get("stripe_customer_id") != stripe_customer_id
+        ):
+            continue
+        if created_before is not None and entry.created_at >= created_before:
+            continue
+        done = attrs.evolve(entry, state=OutboxState.CANCELLED, last_error=reason[:1000])
+        tx.put_outbox(done)
+        cancelled.append(done)
+    return cancelled
+
+
+def settled_state(tx: Transaction, customer: Customer) -> SyncState:
+    """The customer's sync state once nothing else happens: pending while entries remain."""
+    if tx.outbox_for_customer(customer.tenant, customer.id):
+        return SyncState.PENDING
+    return SyncState.LOCAL if customer.link is None else SyncState.SYNCED
+
+
 def _backoff(attempts: int) -> timedelta:
     return min(timedelta(seconds=2 ** min(attempts, 20)), _MAX_BACKOFF)
 
 
 class Outbox:
-    """Pushes outbox entries to Stripe and records what happened."""
+    """Pushes outbox entries to Stripe and records what happened.
+
+    Example::
+
+        outbox.push_pending()          # every due entry, oldest first
+        outbox.push_customer("acme", "rc_1")  # one customer's entries, in order
+    """
 
     def __init__(self, *, storage: Storage, stripe: StripeAPI, clock: Clock) -> None:
         self._storage = storage
@@ -74,7 +163,20 @@ class Outbox:
         self._operations: dict[str, Callable[[OutboxEntry, str | None], dict[str, Any]]] = {
             CREATE_CUSTOMER: self._create_customer,
             UPDATE_CUSTOMER: self._update_customer,
+            TAG_CUSTOMER: self._tag_customer,
+            REFRESH_CUSTOMER: self._refresh_customer,
         }
+        self._result_handlers: dict[str, ResultHandler] = {}
+
+    def on_result(self, operation: str, handler: ResultHandler) -> None:
+        """Apply Stripe's answer to ``operation`` entries with ``handler`` (one per operation)."""
+        self._result_handlers[operation] = handler
+
+    # -- reading -------------------------------------------------------------------
+    def failed(self, *, limit: int = 100) -> Sequence[OutboxEntry]:
+        """Entries Stripe refused for good, oldest first, each with its ``last_error``."""
+        with self._storage.transaction() as tx:
+            return list(tx.outbox_with_state(OutboxState.FAILED, limit=limit))
 
     # -- draining --------------------------------------------------------------
     def push_pending(self, *, limit: int = 1000) -> int:
@@ -109,23 +211,38 @@ class Outbox:
         """Send one entry; True when Stripe accepted it (now or earlier)."""
         with self._storage.transaction() as tx:
             current = tx.get_outbox(entry.id)
+            tenant = None if current is None else tx.get_tenant(current.tenant)
         if current is None or current.state is not OutboxState.PENDING:
             return current is not None and current.state is OutboxState.DONE
         operation = self._operations[current.operation]
-        account = self._account(current)
         try:
-            if account is _NO_TENANT:
-                raise StripeAPIError(f"tenant {current.tenant!r} is gone", status=None)
-            result = operation(current, account)  # type: ignore[arg-type]
+            if tenant is None or not tenant.connected or current.mode not in tenant.modes:
+                # Kept, not failed: the entry goes out once the tenant is connected again.
+                raise StripeAPIError(
+                    f"tenant {current.tenant!r} is not connected in {current.mode.value} mode",
+                    retryable=True,
+                    tenant=current.tenant,
+                    mode=current.mode,
+                )
+            account = None if tenant.direct else tenant.stripe_account_id
+            result = operation(current, account)
         except StripeAPIError as exc:
-            self._failed_attempt(current, exc)
-            return False
+            found = self._resolve_repeated_5xx(current, exc, tenant)
+            if found is None:
+                self._failed_attempt(current, exc)
+                return False
+            result = found
         self._succeeded(current, result)
         return True
 
     # -- operations ------------------------------------------------------------------
+    def _older_than_keys(self, entry: OutboxEntry) -> bool:
+        # A crash may have sent an entry without recording the attempt, so age
+        # alone decides: after 23 h Stripe may have forgotten the key.
+        return self._clock() - entry.created_at > _KEY_TTL
+
     def _create_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
-        if entry.attempts and self._clock() - entry.created_at > _KEY_TTL:
+        if self._older_than_keys(entry):
             found = self._find_created_customer(entry, account)
             if found is not None:
                 return found
@@ -160,9 +277,15 @@ class Outbox:
                 return obj
         return None
 
-    def _update_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
+    def _post_to_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
         stripe_id = entry.params["stripe_customer_id"]
         params = {k: v for k, v in entry.params.items() if k != "stripe_customer_id"}
+        if self._older_than_keys(entry):
+            current = self._stripe.request(
+                "GET", f"/v1/customers/{stripe_id}", mode=entry.mode, account=account
+            )
+            if _already_applied(current, params):
+                return current
         return self._stripe.request(
             "POST",
             f"/v1/customers/{stripe_id}",
@@ -172,16 +295,47 @@ class Outbox:
             idempotency_key=entry.idempotency_key,
         )
 
-    # -- bookkeeping --------------------------------------------------------------------
-    def _account(self, entry: OutboxEntry) -> str | object | None:
-        with self._storage.transaction() as tx:
-            tenant = tx.get_tenant(entry.tenant)
-        if tenant is None:
-            return _NO_TENANT
-        return tenant.stripe_account_id
+    def _update_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
+        return self._post_to_customer(entry, account)
 
+    def _tag_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
+        try:
+            return self._post_to_customer(entry, account)
+        except StripeAPIError as exc:
+            if exc.status == 404:
+                # Gone from Stripe: there is no metadata left to write or clear.
+                return {"id": entry.params["stripe_customer_id"], "deleted": True}
+            raise
+
+    def _refresh_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
+        stripe_id = entry.params["stripe_customer_id"]
+        try:
+            return self._stripe.request(
+                "GET", f"/v1/customers/{stripe_id}", mode=entry.mode, account=account
+            )
+        except StripeAPIError as exc:
+            if exc.status == 404:
+                return {"id": stripe_id, "object": "customer", "deleted": True}
+            raise
+
+    def _resolve_repeated_5xx(
+        self, entry: OutboxEntry, exc: StripeAPIError, tenant: Tenant | None
+    ) -> dict[str, Any] | None:
+        """After the same 5xx again and again, what Stripe holds decides (§4a.8)."""
+        if tenant is None or entry.operation != CREATE_CUSTOMER or not _repeats_5xx(entry, exc):
+            return None
+        account = None if tenant.direct else tenant.stripe_account_id
+        try:
+            return self._find_created_customer(entry, account)
+        except StripeAPIError:
+            return None
+
+    # -- bookkeeping --------------------------------------------------------------------
     def _succeeded(self, entry: OutboxEntry, result: Mapping[str, Any]) -> None:
         with self._storage.transaction() as tx:
+            current = tx.get_outbox(entry.id)
+            if current is not None and current.state is not OutboxState.PENDING:
+                return  # cancelled (or finished by another worker) meanwhile
             stripe_id = result.get("id") if isinstance(result.get("id"), str) else None
             tx.put_outbox(
                 attrs.evolve(
@@ -192,14 +346,15 @@ class Outbox:
                     stripe_id=stripe_id,
                 )
             )
+            handler = self._result_handlers.get(entry.operation)
+            if handler is not None:
+                handler(tx, entry, result)
             customer = tx.get_customer(entry.tenant, entry.customer_id)
             if customer is None:
                 return
             if entry.operation == CREATE_CUSTOMER and stripe_id is not None:
                 customer = self._attach_created(tx, customer, entry, stripe_id)
-            if not tx.outbox_for_customer(entry.tenant, entry.customer_id):
-                customer = attrs.evolve(customer, sync_state=SyncState.SYNCED)
-            tx.put_customer(customer)
+            tx.put_customer(attrs.evolve(customer, sync_state=settled_state(tx, customer)))
         log.info(
             "outbox %s %s for %s/%s: done",
             entry.id,
@@ -222,16 +377,20 @@ class Outbox:
                 holder.id,
             )
             return customer
-        return attrs.evolve(customer, link=CustomerLink(entry.mode, stripe_id))
+        marker = self._clock().replace(microsecond=0)
+        return attrs.evolve(
+            customer, link=CustomerLink(entry.mode, stripe_id), stripe_marker=marker
+        )
 
     def _failed_attempt(self, entry: OutboxEntry, exc: StripeAPIError) -> None:
         now = self._clock()
         attempts = entry.attempts + 1
         message = str(exc)[:1000]
-        permanent = not exc.retryable
-        if not permanent and exc.status is not None and exc.status >= 500:
-            permanent = attempts >= _SAME_5XX_LIMIT and entry.last_error == message
+        permanent = not exc.retryable or _repeats_5xx(entry, exc)
         with self._storage.transaction() as tx:
+            current = tx.get_outbox(entry.id)
+            if current is not None and current.state is not OutboxState.PENDING:
+                return
             if permanent:
                 updated = attrs.evolve(
                     entry, state=OutboxState.FAILED, attempts=attempts, last_error=message
@@ -259,4 +418,32 @@ class Outbox:
         )
 
 
-_NO_TENANT = object()
+def _repeats_5xx(entry: OutboxEntry, exc: StripeAPIError) -> bool:
+    return (
+        exc.status is not None
+        and exc.status >= 500
+        and entry.attempts + 1 >= _SAME_5XX_LIMIT
+        and _same_failure(entry.last_error, exc)
+    )
+
+
+def _same_failure(last_error: str | None, exc: StripeAPIError) -> bool:
+    """True when ``last_error`` records the same answer as ``exc`` (request ids differ)."""
+    if last_error is None or not exc.args:
+        return False
+    return last_error.startswith(str(exc.args[0])[:900]) and f"status={exc.status}" in last_error
+
+
+def _already_applied(current: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """True when the Stripe object already holds every value ``params`` would set."""
+    if current.get("deleted"):
+        return False
+    for key, value in params.items():
+        if key == "metadata" and isinstance(value, Mapping):
+            metadata = current.get("metadata") or {}
+            for meta_key, meta_value in value.items():
+                if (metadata.get(meta_key) or "") != (meta_value or ""):
+                    return False
+        elif (current.get(key) or "") != (value or ""):
+            return False
+    return True

@@ -13,20 +13,21 @@ from collections.abc import Sequence
 from .._config import Mode
 from ..errors import WebhookSignatureError
 
-__all__ = ["SigningSecret", "compute_signature", "verify_signature"]
+__all__ = ["SignatureVerifier", "SigningSecret", "compute_signature", "verify_signature"]
 
 #: A webhook secret as bytes, with the mode of the slot it was configured in.
 SigningSecret = tuple[bytes, Mode]
 
 _MAX_HEADER = 4096
 _SHA256_HEX_LEN = 64
+_sha256 = hashlib.sha256
 
 
 def compute_signature(payload: bytes, secret: str | bytes, timestamp: int) -> str:
     """The hex ``v1`` signature Stripe sends for ``payload`` at ``timestamp``."""
     key = secret.encode() if isinstance(secret, str) else secret
     signed = str(timestamp).encode() + b"." + payload
-    return hmac.new(key, signed, hashlib.sha256).hexdigest()
+    return hmac.new(key, signed, _sha256).hexdigest()
 
 
 def _parse_header(header: str) -> tuple[int, list[bytes]]:
@@ -54,6 +55,29 @@ def _parse_header(header: str) -> tuple[int, list[bytes]]:
     return timestamp, signatures
 
 
+def _signed_content(
+    payload: bytes, header: str | None, *, now: float, tolerance: int
+) -> tuple[bytes, list[bytes]]:
+    """What the HMAC covers (``t.payload``) and the header's ``v1`` signatures."""
+    if not header:
+        raise WebhookSignatureError("missing Stripe-Signature header")
+    timestamp, signatures = _parse_header(header)
+    if abs(now - timestamp) > tolerance:
+        raise WebhookSignatureError(
+            f"Stripe-Signature timestamp is outside the {tolerance}s tolerance"
+        )
+    return str(timestamp).encode() + b"." + payload, signatures
+
+
+def _matches(key: bytes, signed: bytes, signatures: list[bytes]) -> bool:
+    expected = hmac.new(key, signed, _sha256).hexdigest().encode("ascii")
+    # No early exit: every candidate is compared, each in constant time.
+    found = False
+    for candidate in signatures:
+        found |= hmac.compare_digest(expected, candidate)
+    return found
+
+
 def verify_signature(
     payload: bytes,
     header: str | None,
@@ -72,20 +96,43 @@ def verify_signature(
             is outside ``tolerance`` seconds of ``now`` (either way), or no
             configured secret produced any of the signatures.
     """
-    if not header:
-        raise WebhookSignatureError("missing Stripe-Signature header")
-    timestamp, signatures = _parse_header(header)
-    if abs(now - timestamp) > tolerance:
-        raise WebhookSignatureError(
-            f"Stripe-Signature timestamp is outside the {tolerance}s tolerance"
-        )
-    signed = str(timestamp).encode() + b"." + payload
-    modes: set[Mode] = set()
-    for key, mode in secrets:
-        expected = hmac.new(key, signed, hashlib.sha256).hexdigest().encode("ascii")
-        for candidate in signatures:
-            if hmac.compare_digest(expected, candidate):
-                modes.add(mode)
+    signed, signatures = _signed_content(payload, header, now=now, tolerance=tolerance)
+    modes = frozenset(mode for key, mode in secrets if _matches(key, signed, signatures))
     if not modes:
         raise WebhookSignatureError("no configured webhook secret matches the signature")
-    return frozenset(modes)
+    return modes
+
+
+class SignatureVerifier:
+    """Checks signatures against the configured secrets, stopping at the first that matches.
+
+    The router needs to know whether *a* secret verifies the body and, only
+    for a ``livemode=true`` event, whether a *live* one does (§4a.2). Trying
+    secrets in order and stopping at the first match costs one HMAC for most
+    deliveries instead of one per configured secret.
+    """
+
+    __slots__ = ("_live", "_secrets")
+
+    def __init__(self, secrets: Sequence[SigningSecret]) -> None:
+        self._secrets = tuple(secrets)
+        self._live = tuple(key for key, mode in secrets if mode is Mode.LIVE)
+
+    def verify(self, payload: bytes, header: str | None, *, now: float, tolerance: int) -> Mode:
+        """The mode of the first configured secret that verifies ``payload``.
+
+        Raises:
+            WebhookSignatureError: as `verify_signature`.
+        """
+        signed, signatures = _signed_content(payload, header, now=now, tolerance=tolerance)
+        for key, mode in self._secrets:
+            if _matches(key, signed, signatures):
+                return mode
+        raise WebhookSignatureError("no configured webhook secret matches the signature")
+
+    def verified_by_live(
+        self, payload: bytes, header: str | None, *, now: float, tolerance: int
+    ) -> bool:
+        """True when a live-mode secret verifies ``payload`` (for live events)."""
+        signed, signatures = _signed_content(payload, header, now=now, tolerance=tolerance)
+        return any(_matches(key, signed, signatures) for key in self._live)

@@ -1,42 +1,84 @@
 """`WebhookRouter`: verify, route and apply Stripe webhook events exactly once.
 
-The flow of `WebhookRouter.handle`:
+Three ways in, one way to apply:
 
-1. verify the ``Stripe-Signature`` header against every configured secret
-   (400 and nothing stored when it fails);
-2. parse the body with ``json.loads`` into plain data (400 when malformed);
-3. check that a ``livemode=true`` event was verified by a live secret (§4a.2);
-4. in one storage transaction: resolve the tenant from ``account``, insert the
-   event id if absent (a duplicate answers 200), run the handlers registered
-   for the exact type, and store the outcome;
-5. after the commit, run the work the handlers deferred (emails, revalidation).
+- `WebhookRouter.handle` verifies a delivery and applies it before answering;
+- `WebhookRouter.receive` verifies it and only stores it as ``pending``;
+  workers apply it later with `WebhookRouter.process_pending` (inbox mode);
+- `WebhookRouter.replay` applies stored events again.
 
-A handler that raises rolls the transaction back; the failure is recorded in a
-transaction of its own and the answer is 500, so Stripe retries.
+Verification: the ``Stripe-Signature`` header is checked against the
+configured secrets (400 and nothing stored when it fails), the body is parsed
+with ``json.loads`` into plain data (400 when malformed), and a
+``livemode=true`` event must be verified by a live secret (§4a.2).
+
+Applying (shared by every way in): in one storage transaction, resolve the
+tenant from ``account``, insert the event id if absent (a duplicate answers
+200), run the handlers registered for the exact type, and store the outcome;
+after the commit, run the work the handlers deferred (emails, revalidation).
+A stored event that is ``pending``, ``failed`` or ``held`` is applied again
+when it is delivered again, under a row lock, so that two deliveries (or a
+delivery and a worker) never both apply it. A handler that raises rolls the
+transaction back; the failure is recorded in a transaction of its own, with
+the time of the next retry, and `handle` answers 500 so that Stripe retries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any
+import re
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Final
 
 import attrs
 
 from .._config import BillingConfig, Mode
 from ..domain.models import EventOutcome, ProcessedEvent, Tenant
-from ..errors import BillingError, WebhookError, WebhookPayloadError, WebhookSignatureError
+from ..errors import InvalidArgument, WebhookError, WebhookPayloadError, WebhookSignatureError
 from ..ports import Clock, Storage, Transaction
-from ._signature import SigningSecret, verify_signature
+from ._signature import SignatureVerifier, SigningSecret
 
-__all__ = ["EventContext", "Handler", "HandlerResult", "WebhookResponse", "WebhookRouter"]
+__all__ = [
+    "EventContext",
+    "Handler",
+    "HandlerResult",
+    "ReplayReport",
+    "WebhookResponse",
+    "WebhookRouter",
+]
 
 log = logging.getLogger("rational_billing.webhooks")
 
-#: Stored outcomes that a new delivery (or a connection) applies again.
-_REAPPLY = frozenset({EventOutcome.FAILED, EventOutcome.HELD})
+_PENDING: Final = EventOutcome.PENDING
+_FAILED: Final = EventOutcome.FAILED
+_HELD: Final = EventOutcome.HELD
+_APPLIED: Final = EventOutcome.APPLIED
+_DUPLICATE: Final = EventOutcome.DUPLICATE
+
+#: Stored outcomes that a new delivery, a worker or a connection applies (again).
+_REAPPLY: Final = frozenset({_PENDING, _FAILED, _HELD})
+
+#: Retries of failed events: 30 s, 1 min, 2 min, ... capped at 1 h between
+#: attempts; after `MAX_ATTEMPTS` the event stays ``failed`` (visible, and
+#: replayable by hand) and is not retried on its own.
+RETRY_BASE: Final = timedelta(seconds=30)
+RETRY_CAP: Final = timedelta(hours=1)
+MAX_ATTEMPTS: Final = 25
+#: How long a worker holds the events it claimed before others may take them.
+DEFAULT_LEASE: Final = timedelta(minutes=5)
+
+# Stripe ids are ASCII letters and digits after their prefix. Anything else
+# (a NUL, a space, a look-alike letter) is not an event Stripe sent, and some
+# databases cannot even store it.
+_EVENT_ID: Final = re.compile(r"evt_[A-Za-z0-9_]{1,255}")
+_ACCOUNT_ID: Final = re.compile(r"acct_[A-Za-z0-9]{1,255}")
+_EVENT_TYPE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
+
+_REPLAY_PAGE = 100
+_HELD_BATCH = 10_000
 
 
 @attrs.frozen
@@ -63,6 +105,26 @@ class HandlerResult:
 
     outcome: EventOutcome
     reason: str | None = None
+
+
+def _frozen_counts(counts: Mapping[EventOutcome, int]) -> Mapping[EventOutcome, int]:
+    return MappingProxyType(dict(counts))
+
+
+@attrs.frozen
+class ReplayReport:
+    """What `WebhookRouter.replay` did.
+
+    ``outcomes`` counts the replayed events by their new outcome; ``failed``
+    lists the ids whose handlers raised (rolled back, recorded ``failed`` and
+    scheduled for a retry); ``missing`` lists requested ids that are not
+    stored, or stored without their body.
+    """
+
+    replayed: int = 0
+    outcomes: Mapping[EventOutcome, int] = attrs.field(factory=dict, converter=_frozen_counts)
+    failed: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -112,25 +174,67 @@ def _parse_event(payload: bytes) -> dict[str, Any]:
         event = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise WebhookPayloadError("the body is not JSON") from exc
-    if not isinstance(event, dict):
+    if type(event) is not dict:
         raise WebhookPayloadError("the body is not a JSON object")
     event_id = event.get("id")
-    if not isinstance(event_id, str) or not event_id.startswith("evt_"):
+    if type(event_id) is not str or not _EVENT_ID.fullmatch(event_id):
         raise WebhookPayloadError("the event has no evt_ id")
-    if not isinstance(event.get("type"), str) or not event["type"]:
-        raise WebhookPayloadError(f"event {event_id} has no type")
-    if not isinstance(event.get("livemode"), bool):
+    event_type = event.get("type")
+    if type(event_type) is not str or not _EVENT_TYPE.fullmatch(event_type):
+        raise WebhookPayloadError(f"event {event_id} has no valid type")
+    if type(event.get("livemode")) is not bool:
         raise WebhookPayloadError(f"event {event_id} has no livemode flag")
     created = event.get("created")
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+    if type(created) is not int or created < 0:
         raise WebhookPayloadError(f"event {event_id} has no valid created time")
     data = event.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+    if type(data) is not dict or type(data.get("object")) is not dict:
         raise WebhookPayloadError(f"event {event_id} has no data.object")
     account = event.get("account")
-    if account is not None and (not isinstance(account, str) or not account.startswith("acct_")):
+    if account is not None and (type(account) is not str or not _ACCOUNT_ID.fullmatch(account)):
         raise WebhookPayloadError(f"event {event_id} has a malformed account")
     return event
+
+
+class _StoredMeanwhile(Exception):
+    """A concurrent delivery stored the event first: roll back ours, answer 'duplicate'."""
+
+
+def _new_record(
+    event: Mapping[str, Any],
+    payload: bytes,
+    outcome: EventOutcome,
+    received_at: datetime,
+    *,
+    tenant: str | None = None,
+    reason: str | None = None,
+    attempts: int = 0,
+    next_attempt_at: datetime | None = None,
+) -> ProcessedEvent:
+    api_version = event.get("api_version")
+    return ProcessedEvent(
+        event_id=event["id"],
+        type=event["type"],
+        mode=Mode.LIVE if event["livemode"] else Mode.TEST,
+        created=datetime.fromtimestamp(event["created"], UTC),
+        outcome=outcome,
+        tenant=tenant,
+        account=event.get("account"),
+        api_version=api_version if type(api_version) is str else None,
+        reason=reason,
+        payload=payload,
+        attempts=attempts,
+        received_at=received_at,
+        next_attempt_at=next_attempt_at,
+    )
+
+
+def _retry_at(now: datetime, attempts: int) -> datetime | None:
+    """When a worker retries an event that has failed ``attempts`` times (None: give up)."""
+    if attempts >= MAX_ATTEMPTS:
+        return None
+    delay: timedelta = min(RETRY_BASE * 2 ** max(attempts - 1, 0), RETRY_CAP)
+    return now + delay
 
 
 class WebhookRouter:
@@ -146,12 +250,21 @@ class WebhookRouter:
             ...
 
         response = billing.webhooks.handle(request.body, request.headers)
+
+    Inbox mode, for scale: the endpoint only stores the event, and workers (in
+    any number of processes or hosts sharing PostgreSQL) apply it::
+
+        response = billing.webhooks.receive(request.body, request.headers)  # the endpoint
+        while True:                                                          # each worker
+            if not billing.webhooks.process_pending(limit=50):
+                time.sleep(1)
     """
 
     def __init__(self, *, config: BillingConfig, storage: Storage, clock: Clock) -> None:
         self._config = config
         self._storage = storage
         self._clock = clock
+        self._tolerance = config.webhook_tolerance
         self._handlers: dict[str, list[Handler]] = {}
         self._custom: dict[str, list[Handler]] = {}
         secrets: list[SigningSecret] = []
@@ -159,7 +272,7 @@ class WebhookRouter:
             keys = config.keys_for(mode)
             if keys is not None:
                 secrets.extend((s.encode(), mode) for s in keys.webhook_secrets)
-        self._secrets = tuple(secrets)
+        self._verifier = SignatureVerifier(secrets)
 
     # -- registration ----------------------------------------------------------
     def register(self, event_type: str, handler: Handler) -> None:
@@ -194,119 +307,222 @@ class WebhookRouter:
         for a bad signature or body (nothing stored), 500 when applying failed
         (rolled back, the failure recorded) so that Stripe retries.
         """
+        now = self._clock()
         try:
-            event = self._verify(payload, headers)
+            event, body = self._verify(payload, headers, now)
         except WebhookError as exc:
             log.warning("webhook rejected: %s", exc)
             return WebhookResponse(400, message=str(exc))
-        return self._apply(event, payload)
+        return self._apply(event, body, now)
 
-    def _verify(self, payload: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise WebhookPayloadError("pass the raw body bytes, untouched")
-        body = bytes(payload)
-        modes = verify_signature(
-            body,
-            _header(headers, "Stripe-Signature"),
-            self._secrets,
-            now=self._clock().timestamp(),
-            tolerance=self._config.webhook_tolerance,
-        )
-        event = _parse_event(body)
-        if event["livemode"] and Mode.LIVE not in modes:
+    def receive(self, payload: bytes, headers: Mapping[str, str]) -> WebhookResponse:
+        """Verify one delivery and store it ``pending`` for `process_pending`; never raises.
+
+        The same checks as `handle` (400, nothing stored, when they fail); then
+        one insert-if-absent. Returns 200 with outcome ``pending`` for a new
+        event, 200 ``duplicate`` for an id already stored (left as it is), and
+        500 when the storage failed, so that Stripe delivers it again.
+        """
+        now = self._clock()
+        try:
+            event, body = self._verify(payload, headers, now)
+        except WebhookError as exc:
+            log.warning("webhook rejected: %s", exc)
+            return WebhookResponse(400, message=str(exc))
+        record = _new_record(event, body, _PENDING, now, next_attempt_at=now)
+        try:
+            with self._storage.transaction() as tx:
+                inserted = tx.record_event(record)
+        except Exception:
+            log.exception("could not store webhook %s; asking Stripe to retry", record.event_id)
+            return WebhookResponse(500, None, record.event_id, "could not store the event; retry")
+        if not inserted:
+            return WebhookResponse(200, _DUPLICATE, record.event_id)
+        return WebhookResponse(200, _PENDING, record.event_id, "queued")
+
+    def _verify(
+        self, payload: bytes, headers: Mapping[str, str], moment: datetime
+    ) -> tuple[dict[str, Any], bytes]:
+        if type(payload) is not bytes:
+            if not isinstance(payload, bytes | bytearray | memoryview):
+                raise WebhookPayloadError("pass the raw body bytes, untouched")
+            payload = bytes(payload)
+        header = _header(headers, "Stripe-Signature")
+        now = moment.timestamp()
+        mode = self._verifier.verify(payload, header, now=now, tolerance=self._tolerance)
+        event = _parse_event(payload)
+        if (
+            event["livemode"]
+            and mode is not Mode.LIVE
+            and not self._verifier.verified_by_live(
+                payload, header, now=now, tolerance=self._tolerance
+            )
+        ):
             raise WebhookSignatureError(
                 f"live-mode event {event['id']} is not signed with a live webhook secret"
             )
-        return event
+        return event, payload
 
-    def _apply(self, event: dict[str, Any], payload: bytes) -> WebhookResponse:
-        event_id: str = event["id"]
-        mode = Mode.from_livemode(event["livemode"])
-        account: str | None = event.get("account")
-        created = datetime.fromtimestamp(event["created"], UTC)
-        after: list[Callable[[], None]] = []
-        record = ProcessedEvent(
-            event_id=event_id,
-            type=event["type"],
-            mode=mode,
-            created=created,
-            outcome=EventOutcome.PENDING,
-            account=account,
-            api_version=event.get("api_version")
-            if isinstance(event.get("api_version"), str)
-            else None,
-            payload=bytes(payload),
-            received_at=self._clock(),
+    # -- inbox workers -------------------------------------------------------------
+    def process_pending(self, limit: int = 100, *, lease: timedelta = DEFAULT_LEASE) -> int:
+        """Apply up to ``limit`` stored events that are due; returns how many were taken.
+
+        Due: events stored by `receive` and failed events whose retry time has
+        come. Safe to run in several processes and hosts at once: each event
+        is claimed by one worker for ``lease`` (PostgreSQL: ``FOR UPDATE SKIP
+        LOCKED``) and applied under a row lock, so it is applied once even if
+        a lease runs out or Stripe delivers it again meanwhile. Each event is
+        applied in a transaction of its own, exactly as `handle` would, and
+        its deferred work (emails) runs here after the commit. An event whose
+        handler raises is recorded ``failed`` and retried with backoff.
+
+        Raises:
+            InvalidArgument: ``limit`` is not a positive integer.
+            StorageError: the claim itself failed (nothing was claimed).
+        """
+        if type(limit) is not int or limit < 1:
+            raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
+        now = self._clock()
+        with self._storage.transaction() as tx:
+            claimed = tx.claim_events(now, limit=limit, lease=lease)
+        for stored in claimed:
+            self._apply_stored(stored, force=False)
+        return len(claimed)
+
+    def _apply_stored(self, stored: ProcessedEvent, *, force: bool) -> WebhookResponse | None:
+        """Apply a stored event from its body; None when the body is gone or unreadable."""
+        if stored.payload is None:
+            self._give_up(stored, "the stored event has no body to apply")
+            return None
+        try:
+            event = _parse_event(stored.payload)
+        except WebhookPayloadError as exc:
+            self._give_up(stored, f"the stored body cannot be applied: {exc}")
+            return None
+        return self._apply(
+            event, stored.payload, self._clock(), received_at=stored.received_at, force=force
         )
+
+    def _give_up(self, stored: ProcessedEvent, reason: str) -> None:
+        log.error("webhook %s cannot be applied: %s", stored.event_id, reason)
+        with self._storage.transaction() as tx:
+            current = tx.lock_event(stored.event_id)
+            if current is not None and current.outcome in _REAPPLY:
+                tx.update_event(
+                    attrs.evolve(current, outcome=_FAILED, reason=reason, next_attempt_at=None)
+                )
+
+    # -- applying (shared by handle, process_pending, apply_held and replay) ----------
+    def _apply(
+        self,
+        event: dict[str, Any],
+        payload: bytes,
+        now: datetime,
+        *,
+        received_at: datetime | None = None,
+        force: bool = False,
+    ) -> WebhookResponse:
+        event_id: str = event["id"]
+        after: list[Callable[[], None]] = []
         try:
             with self._storage.transaction() as tx:
-                outcome, reason, tenant_id = self._apply_in(tx, event, record, mode, created, after)
+                outcome, reason, tenant_id = self._apply_in(
+                    tx, event, payload, received_at or now, force, after
+                )
+        except _StoredMeanwhile:
+            return WebhookResponse(200, _DUPLICATE, event_id)
         except Exception as exc:
             log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-            self._record_failure(record, exc)
-            return WebhookResponse(500, EventOutcome.FAILED, event_id, "processing failed; retry")
-        self._run_after_commit(after, event_id)
-        log.info(
-            "webhook %s %s tenant=%s mode=%s: %s%s",
-            event_id,
-            event["type"],
-            tenant_id,
-            mode.value,
-            outcome.value,
-            f" ({reason})" if reason else "",
-        )
+            self._record_failure(event, payload, exc, now, received_at, force)
+            return WebhookResponse(500, _FAILED, event_id, "processing failed; retry")
+        if after:
+            self._run_after_commit(after, event_id)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "webhook %s %s tenant=%s: %s%s",
+                event_id,
+                event["type"],
+                tenant_id,
+                outcome.value,
+                f" ({reason})" if reason else "",
+            )
         return WebhookResponse(200, outcome, event_id, reason or "")
 
     def _apply_in(
         self,
         tx: Transaction,
         event: dict[str, Any],
-        record: ProcessedEvent,
-        mode: Mode,
-        created: datetime,
+        payload: bytes,
+        received_at: datetime,
+        force: bool,
         after: list[Callable[[], None]],
     ) -> tuple[EventOutcome, str | None, str | None]:
-        account = record.account
+        # A stored event is locked, so that a concurrent delivery or worker
+        # applying it waits and then sees our outcome.
+        stored = tx.lock_event(event["id"])
+        if stored is not None and not (force or stored.outcome in _REAPPLY):
+            return _DUPLICATE, None, stored.tenant
+        account: str | None = event.get("account")
         tenant = tx.tenant_by_account(account) if account else tx.direct_tenant()
-        if not tx.record_event(record):
-            stored = tx.get_event(record.event_id)
-            if stored is None or stored.outcome not in _REAPPLY:
-                return EventOutcome.DUPLICATE, None, stored.tenant if stored else None
-            record = attrs.evolve(record, attempts=stored.attempts)
+        attempts = 0 if stored is None else stored.attempts
         if tenant is None:
-            reason = (
+            outcome: EventOutcome = _HELD
+            why: str | None = (
                 f"account {account} is not connected yet" if account else "no direct tenant yet"
             )
-            tx.update_event(attrs.evolve(record, outcome=EventOutcome.HELD, reason=reason))
-            return EventOutcome.HELD, reason, None
-        outcome, why = self._dispatch(tx, tenant, event, mode, created, after)
-        tx.update_event(
-            attrs.evolve(
-                record, tenant=tenant.id, outcome=outcome, reason=why, attempts=record.attempts + 1
+        else:
+            outcome, why = self._dispatch(tx, tenant, event, after)
+            attempts += 1
+        tenant_id = None if tenant is None else tenant.id
+        if stored is not None:
+            tx.update_event(
+                attrs.evolve(
+                    stored,
+                    outcome=outcome,
+                    reason=why,
+                    tenant=tenant_id,
+                    attempts=attempts,
+                    payload=stored.payload or payload,
+                    next_attempt_at=None,
+                )
             )
-        )
-        return outcome, why, tenant.id
+        elif not tx.record_event(
+            _new_record(
+                event,
+                payload,
+                outcome,
+                received_at,
+                tenant=tenant_id,
+                reason=why,
+                attempts=attempts,
+            )
+        ):
+            # The id is inserted if absent in the same transaction as the effects:
+            # a concurrent delivery got there first (PostgreSQL made us wait for
+            # its commit), so ours roll back.
+            raise _StoredMeanwhile
+        return outcome, why, tenant_id
 
     def _dispatch(
         self,
         tx: Transaction,
         tenant: Tenant,
         event: dict[str, Any],
-        mode: Mode,
-        created: datetime,
         after: list[Callable[[], None]],
     ) -> tuple[EventOutcome, str | None]:
+        mode = Mode.LIVE if event["livemode"] else Mode.TEST
         if not tenant.connected:
             return EventOutcome.IGNORED, f"tenant {tenant.id} is disconnected"
         if mode not in tenant.modes:
             return EventOutcome.IGNORED, f"tenant {tenant.id} is not connected in {mode.value} mode"
-        event_type = event["type"]
+        event_type: str = event["type"]
         builtin = self._handlers.get(event_type, ())
         custom = self._custom.get(event_type, ())
         if not builtin and not custom:
             return EventOutcome.IGNORED, f"no handler for {event_type}"
+        created = datetime.fromtimestamp(event["created"], UTC)
         ctx = EventContext(tx, tenant, mode, event, created, after)
-        outcome, reason = EventOutcome.APPLIED, None
+        outcome, reason = _APPLIED, None
         for handler in builtin:
             result = handler(ctx)
             if result is not None:
@@ -315,22 +531,41 @@ class WebhookRouter:
             handler(ctx)
         return outcome, reason
 
-    def _record_failure(self, record: ProcessedEvent, exc: BaseException) -> None:
-        failed = attrs.evolve(
-            record,
-            outcome=EventOutcome.FAILED,
-            reason=f"{type(exc).__name__}: {exc}"[:1000],
-            attempts=record.attempts + 1,
-        )
+    def _record_failure(
+        self,
+        event: dict[str, Any],
+        payload: bytes,
+        exc: BaseException,
+        now: datetime,
+        received_at: datetime | None,
+        force: bool,
+    ) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
         try:
             with self._storage.transaction() as tx:
-                stored = tx.get_event(record.event_id)
+                stored = tx.lock_event(event["id"])
                 if stored is None:
-                    tx.record_event(failed)
-                elif stored.outcome is EventOutcome.FAILED:
-                    tx.update_event(attrs.evolve(failed, attempts=stored.attempts + 1))
-        except BillingError:
-            log.exception("could not record the failure of webhook %s", record.event_id)
+                    failed = _new_record(event, payload, _FAILED, received_at or now)
+                    tx.record_event(
+                        attrs.evolve(
+                            failed, reason=reason, attempts=1, next_attempt_at=_retry_at(now, 1)
+                        )
+                    )
+                elif force or stored.outcome in _REAPPLY:
+                    attempts = stored.attempts + 1
+                    tx.update_event(
+                        attrs.evolve(
+                            stored,
+                            outcome=_FAILED,
+                            reason=reason,
+                            attempts=attempts,
+                            payload=stored.payload or payload,
+                            next_attempt_at=_retry_at(now, attempts),
+                        )
+                    )
+                # Otherwise a concurrent delivery applied it meanwhile: keep that.
+        except Exception:
+            log.exception("could not record the failure of webhook %s", event["id"])
 
     def _run_after_commit(self, work: list[Callable[[], None]], event_id: str) -> None:
         for job in work:
@@ -351,13 +586,81 @@ class WebhookRouter:
         with self._storage.transaction() as tx:
             held = [
                 e
-                for e in tx.events_with_outcome(EventOutcome.HELD, account=account, limit=10_000)
+                for e in tx.events_with_outcome(_HELD, account=account, limit=_HELD_BATCH)
                 if e.account == account
             ]
         for stored in held:
-            if stored.payload is None:
-                continue
-            event = json.loads(stored.payload)
-            response = self._apply(event, stored.payload)
-            applied += response.status_code == 200
+            response = self._apply_stored(stored, force=False)
+            applied += response is not None and response.status_code == 200
         return applied
+
+    # -- replay ---------------------------------------------------------------------
+    def replay(
+        self,
+        event_ids: Iterable[str] | None = None,
+        *,
+        since: datetime | None = None,
+        types: Iterable[str] | None = None,
+    ) -> ReplayReport:
+        """Apply stored events again, through the same handlers, whatever their outcome.
+
+        Selects the events with the ids given (in that order), else every
+        stored event in the order received; ``since`` (received at or after)
+        and ``types`` narrow either selection. Each event is applied in a
+        transaction of its own, as `handle` would. Handlers are idempotent
+        (ordered upserts, insert-if-absent rows such as invitations), so a
+        replay repairs missed effects and never doubles one. The stored
+        outcome becomes the replay's.
+
+        Raises:
+            InvalidArgument: ``since`` is naive, or ``event_ids``/``types`` is a
+                bare string.
+            StorageError: listing the stored events failed.
+        """
+        if isinstance(event_ids, str) or isinstance(types, str):
+            raise InvalidArgument("pass event ids and types as lists, not a single string")
+        if since is not None and since.tzinfo is None:
+            raise InvalidArgument("since must be an aware datetime (for example in UTC)")
+        wanted = None if types is None else frozenset(types)
+        counts: dict[EventOutcome, int] = {}
+        failed: list[str] = []
+        missing: list[str] = []
+        replayed = 0
+        for stored in self._replay_selection(event_ids, since, wanted, missing):
+            response = self._apply_stored(stored, force=True)
+            if response is None:
+                missing.append(stored.event_id)
+                continue
+            replayed += 1
+            if response.outcome is not None:
+                counts[response.outcome] = counts.get(response.outcome, 0) + 1
+            if response.status_code != 200:
+                failed.append(stored.event_id)
+        return ReplayReport(replayed, counts, tuple(failed), tuple(missing))
+
+    def _replay_selection(
+        self,
+        event_ids: Iterable[str] | None,
+        since: datetime | None,
+        types: frozenset[str] | None,
+        missing: list[str],
+    ) -> Iterable[ProcessedEvent]:
+        if event_ids is not None:
+            for event_id in event_ids:
+                with self._storage.transaction() as tx:
+                    stored = tx.get_event(event_id)
+                if stored is None:
+                    missing.append(event_id)
+                elif (since is None or stored.received_at >= since) and (
+                    types is None or stored.type in types
+                ):
+                    yield stored
+            return
+        after: tuple[datetime, str] | None = None
+        while True:
+            with self._storage.transaction() as tx:
+                page = tx.list_events(since=since, types=types, after=after, limit=_REPLAY_PAGE)
+            yield from page
+            if len(page) < _REPLAY_PAGE:
+                return
+            after = (page[-1].received_at, page[-1].event_id)

@@ -16,7 +16,24 @@ from __future__ import annotations
 
 from ..adapters.mail import RecordingMailer
 from ..adapters.memory import InMemoryStorage
-from ._builders import build_customer, make_event, sign_payload, stripe_id
+from ._builders import (
+    build_account,
+    build_account_link,
+    build_charge,
+    build_customer,
+    build_deleted_customer,
+    build_dispute,
+    build_invoice,
+    build_invoice_payment,
+    build_oauth_token,
+    build_price,
+    build_product,
+    build_refund,
+    build_subscription,
+    make_event,
+    sign_payload,
+    stripe_id,
+)
 
 __all__ = [
     "InMemoryStorage",
@@ -25,4 +42,16 @@ __all__ = [
     "sign_payload",
     "build_customer",
     "stripe_id",
+    "build_charge",
+    "build_dispute",
+    "build_invoice",
+    "build_invoice_payment",
+    "build_price",
+    "build_product",
+    "build_refund",
+    "build_subscription",
+    "build_account",
+    "build_account_link",
+    "build_deleted_customer",
+    "build_oauth_token",
 ]

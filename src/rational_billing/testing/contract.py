@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
+from attrs import evolve as attrs_evolve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,13 +44,20 @@ from ..domain.models import (
     CustomerLink,
     Dispute,
     EventOutcome,
+    Invitation,
+    InvitationState,
     Invoice,
     MirrorResult,
     OutboxEntry,
     OutboxState,
+    PendingConnection,
     ProcessedEvent,
     Product,
     Refund,
+    Relation,
+    StripePrice,
+    StripeProduct,
+    StripeReference,
     Subscription,
     SubscriptionItem,
     SyncState,
@@ -143,16 +151,21 @@ def _event(
     outcome: EventOutcome = EventOutcome.APPLIED,
     account: str | None = "acct_1",
     received: float = 0,
+    next_attempt: float | None = None,
+    type: str = "customer.subscription.updated",
+    payload: bytes | None = None,
 ) -> ProcessedEvent:
     return ProcessedEvent(
         event_id=event_id,
-        type="customer.subscription.updated",
+        type=type,
         mode=TEST,
         created=T0,
         outcome=outcome,
         tenant="t1",
         account=account,
         received_at=_at(received),
+        next_attempt_at=None if next_attempt is None else _at(next_attempt),
+        payload=payload,
     )
 
 
@@ -247,6 +260,7 @@ def _every_model() -> list[Any]:
             payload=b'{"id": "evt_rt"}\x00\xff\n',
             attempts=3,
             received_at=precise + timedelta(seconds=1),
+            next_attempt_at=precise + timedelta(minutes=1),
         ),
         Subscription(
             tenant="t_rt",
@@ -786,6 +800,121 @@ class StorageContract:
             assert list(tx.events_with_outcome(EventOutcome.FAILED)) == []
             assert list(tx.events_with_outcome(held, account="acct_unknown")) == []
 
+    # -- webhook inbox: locks, claims, replay listing ---------------------------
+    def test_lock_event_returns_the_stored_event(self, storage: Storage) -> None:
+        """lock_event returns the stored event with its body, or None for an unknown id."""
+        event = _event("evt_1", outcome=EventOutcome.PENDING, payload=b'{"id": "evt_1"}\n')
+        with storage.transaction() as tx:
+            tx.record_event(event)
+        with storage.transaction() as tx:
+            assert tx.lock_event("evt_1") == event
+            assert tx.lock_event("evt_unknown") is None
+
+    def test_update_event_keeps_the_body(self, storage: Storage) -> None:
+        """An update keeps the stored body byte for byte, or fills it in when none was stored."""
+        body = '{"id": "evt_1", "x": "é"}'.encode() + b"\x00\xff\n"
+        pending = _event("evt_1", outcome=EventOutcome.PENDING, payload=body)
+        with storage.transaction() as tx:
+            tx.record_event(pending)
+            tx.record_event(_event("evt_2", outcome=EventOutcome.PENDING))
+        failed = _event("evt_1", outcome=EventOutcome.FAILED, payload=body, next_attempt=9)
+        with storage.transaction() as tx:
+            tx.update_event(failed)
+        with storage.transaction() as tx:
+            assert tx.get_event("evt_1") == failed
+            tx.update_event(_event("evt_1", outcome=EventOutcome.APPLIED, payload=None))
+            tx.update_event(_event("evt_2", outcome=EventOutcome.APPLIED, payload=b"{}"))
+        with storage.transaction() as tx:
+            assert tx.get_event("evt_1") == _event("evt_1", payload=body)
+            assert tx.get_event("evt_2") == _event("evt_2", payload=b"{}")
+
+    def _inbox(self, storage: Storage) -> None:
+        pending, failed = EventOutcome.PENDING, EventOutcome.FAILED
+        with storage.transaction() as tx:
+            tx.record_event(_event("evt_p1", outcome=pending, received=10))
+            tx.record_event(_event("evt_p2", outcome=pending, received=5, next_attempt=20))
+            tx.record_event(_event("evt_f1", outcome=failed, next_attempt=15))
+            tx.record_event(_event("evt_f2", outcome=failed))  # retries exhausted
+            tx.record_event(_event("evt_a1", outcome=EventOutcome.APPLIED))
+            tx.record_event(_event("evt_h1", outcome=EventOutcome.HELD, next_attempt=0))
+
+    def _claim(self, storage: Storage, at: float, limit: int = 10) -> list[str]:
+        with storage.transaction() as tx:
+            claimed = tx.claim_events(_at(at), limit=limit, lease=timedelta(seconds=60))
+        return [e.event_id for e in claimed]
+
+    def test_claim_events_leases_due_events_in_due_order(self, storage: Storage) -> None:
+        """Pending and due failed events are claimed once per lease, in the order they fell due."""
+        self._inbox(storage)
+        assert self._claim(storage, 16) == ["evt_p1", "evt_f1"]
+        assert self._claim(storage, 16) == []
+        assert self._claim(storage, 21) == ["evt_p2"]
+        # The first lease ran out for both at once: ties go by id.
+        assert self._claim(storage, 76) == ["evt_f1", "evt_p1"]
+        assert self._claim(storage, 80) == []
+        assert self._claim(storage, 81) == ["evt_p2"]
+
+    def test_claim_events_respects_the_limit(self, storage: Storage) -> None:
+        """claim_events returns at most ``limit`` events, the earliest due first."""
+        self._inbox(storage)
+        assert self._claim(storage, 30, limit=2) == ["evt_p1", "evt_f1"]
+        assert self._claim(storage, 30, limit=2) == ["evt_p2"]
+
+    def test_claimed_events_come_back_whole(self, storage: Storage) -> None:
+        """A claimed event is the stored event, body included."""
+        event = _event("evt_1", outcome=EventOutcome.PENDING, payload=b"{}")
+        with storage.transaction() as tx:
+            tx.record_event(event)
+        with storage.transaction() as tx:
+            assert list(tx.claim_events(_at(0), limit=5, lease=timedelta(seconds=1))) == [event]
+
+    def test_update_event_ends_the_lease(self, storage: Storage) -> None:
+        """A claimed event written again is due by its new state, not by the lease."""
+        self._inbox(storage)
+        assert self._claim(storage, 16) == ["evt_p1", "evt_f1"]
+        with storage.transaction() as tx:
+            tx.update_event(_event("evt_p1", outcome=EventOutcome.APPLIED, received=10))
+            tx.update_event(_event("evt_f1", outcome=EventOutcome.FAILED, next_attempt=30))
+        assert self._claim(storage, 29) == ["evt_p2"]
+        assert self._claim(storage, 30) == ["evt_f1"]
+        assert self._claim(storage, 1000) == ["evt_p2", "evt_f1"]
+
+    def test_rolled_back_claim_leases_nothing(self, storage: Storage) -> None:
+        """A claim in a transaction that rolls back leaves the events claimable."""
+        self._inbox(storage)
+        claimed: list[int] = []
+
+        def claim(tx: Transaction) -> None:
+            claimed.append(len(tx.claim_events(_at(16), limit=10, lease=timedelta(hours=1))))
+
+        with pytest.raises(_Boom):
+            _transact(storage, claim, boom=True)
+        assert claimed == [2]
+        assert self._claim(storage, 16) == ["evt_p1", "evt_f1"]
+
+    def test_list_events_filters_and_pages(self, storage: Storage) -> None:
+        """list_events orders by (received_at, id), filters by since and type, and pages."""
+        with storage.transaction() as tx:
+            tx.record_event(_event("evt_b", received=10, type="invoice.paid"))
+            tx.record_event(_event("evt_a", received=10))
+            tx.record_event(_event("evt_c", received=5, type="invoice.paid"))
+            tx.record_event(_event("evt_d", received=20, outcome=EventOutcome.FAILED))
+        with storage.transaction() as tx:
+            every = [e.event_id for e in tx.list_events()]
+            assert every == ["evt_c", "evt_a", "evt_b", "evt_d"]
+            since = tx.list_events(since=_at(10))
+            assert [e.event_id for e in since] == ["evt_a", "evt_b", "evt_d"]
+            paid = tx.list_events(types={"invoice.paid"})
+            assert [e.event_id for e in paid] == ["evt_c", "evt_b"]
+            assert list(tx.list_events(types=set())) == []
+            first = tx.list_events(limit=2)
+            assert [e.event_id for e in first] == ["evt_c", "evt_a"]
+            cursor = (first[-1].received_at, first[-1].event_id)
+            rest = tx.list_events(after=cursor, limit=2)
+            assert [e.event_id for e in rest] == ["evt_b", "evt_d"]
+            both = tx.list_events(since=_at(6), types={"invoice.paid"}, after=cursor)
+            assert [e.event_id for e in both] == ["evt_b"]
+
     # -- mirrors -------------------------------------------------------------
     def test_mirror_orders_writes_by_marker(self, storage: Storage) -> None:
         """mirror reports INSERTED, APPLIED, TIE and STALE, and a stale write changes nothing."""
@@ -1118,6 +1247,20 @@ class StorageContract:
         with storage.transaction() as tx:
             assert tx.get_event("evt_race") == event
 
+    def test_concurrent_claims_never_share_an_event(self, storage: Storage) -> None:
+        """N threads claiming at once get disjoint events, as many as were due."""
+        with storage.transaction() as tx:
+            for i in range(20):
+                tx.record_event(_event(f"evt_{i:02}", outcome=EventOutcome.PENDING, received=i))
+
+        def claim(_: int) -> list[str]:
+            with storage.transaction() as tx:
+                claimed = tx.claim_events(_at(100), limit=3, lease=timedelta(minutes=1))
+            return [e.event_id for e in claimed]
+
+        results = [event_id for claimed in self._race(claim) for event_id in claimed]
+        assert len(results) == len(set(results)) == min(20, 3 * self.threads)
+
     def test_concurrent_mirror_keeps_the_max_marker(self, storage: Storage) -> None:
         """N threads mirroring one record at once: one insert, and the max marker wins."""
 
@@ -1133,3 +1276,311 @@ class StorageContract:
         with storage.transaction() as tx:
             stored = tx.get_mirror(Subscription, "t1", TEST, "sub_race")
         assert stored == _subscription("sub_race", marker=top, status=f"s{top}")
+
+    # -- products, references and the subscription-product index (issue 4) -----
+    def test_list_products_pages_in_id_order(self, storage: Storage) -> None:
+        """list_products returns one tenant's products by id, page by page."""
+        with storage.transaction() as tx:
+            for pid in ("p3", "p1", "p2", "Ω"):
+                tx.put_product(_product(pid))
+            tx.put_product(_product("p0", tenant="t2"))
+        with storage.transaction() as tx:
+            first = tx.list_products("t1", after=None, limit=2)
+            rest = tx.list_products("t1", after=first[-1].id, limit=10)
+            assert [p.id for p in first] == ["p1", "p2"]
+            assert [p.id for p in rest] == sorted(["p3", "Ω"])
+            assert [p.id for p in tx.list_products("t2", after=None, limit=10)] == ["p0"]
+            assert list(tx.list_products("t_none", after=None, limit=10)) == []
+
+    def test_product_catalog_round_trips(self, storage: Storage) -> None:
+        """A product with its Stripe product, flags and prices comes back equal."""
+        product = attrs_evolve(
+            _product("p_cat", test="prod_T"),
+            stripe_test=StripeProduct(
+                stripe_id="prod_T",
+                name="Pro «T»",
+                active=False,
+                prices=(
+                    StripePrice("price_1", "price", "eur", 1999, "month", 1, "Monthly"),
+                    StripePrice("plan_1", "plan", "usd", None, None, None, None, False, True, T0),
+                ),
+                marker=T0,
+            ),
+        )
+        with storage.transaction() as tx:
+            tx.put_product(product)
+        with storage.transaction() as tx:
+            assert tx.get_product("t1", "p_cat") == product
+
+    def test_add_reference_is_insert_if_absent(self, storage: Storage) -> None:
+        """A reference is stored once: adding it again reports False."""
+        ref = StripeReference("t1", TEST, "ch_1", Relation.PAYS, "in_1")
+        with storage.transaction() as tx:
+            assert tx.add_reference(ref) is True
+            assert tx.add_reference(ref) is False
+        with storage.transaction() as tx:
+            assert tx.add_reference(ref) is False
+            assert list(tx.references_from("t1", TEST, "ch_1")) == [ref]
+
+    def test_references_from_and_to(self, storage: Storage) -> None:
+        """References are found from their source and from their target, per tenant and mode."""
+        refs = [
+            StripeReference("t1", TEST, "dp_1", Relation.DISPUTES, "pi_1"),
+            StripeReference("t1", TEST, "dp_1", Relation.DISPUTES, "ch_1"),
+            StripeReference("t1", TEST, "re_1", Relation.REFUNDS, "ch_1"),
+            StripeReference("t1", TEST, "ch_1", Relation.SAME_PAYMENT, "pi_1"),
+            StripeReference("t1", TEST, "ch_1", Relation.PAYS, "in_1"),
+            StripeReference("t1", LIVE, "dp_1", Relation.DISPUTES, "ch_1"),
+            StripeReference("t2", TEST, "dp_1", Relation.DISPUTES, "ch_1"),
+        ]
+        with storage.transaction() as tx:
+            for ref in refs:
+                tx.add_reference(ref)
+        with storage.transaction() as tx:
+            assert list(tx.references_from("t1", TEST, "dp_1")) == [refs[1], refs[0]]
+            assert list(tx.references_from("t1", TEST, "ch_1")) == [refs[4], refs[3]]
+            assert list(tx.references_to("t1", TEST, "ch_1")) == [refs[1], refs[2]]
+            assert list(tx.references_to("t1", TEST, "in_1")) == [refs[4]]
+            assert list(tx.references_to("t1", LIVE, "ch_1")) == [refs[5]]
+            assert list(tx.references_to("t2", TEST, "ch_1")) == [refs[6]]
+            assert list(tx.references_from("t1", TEST, "none")) == []
+            assert list(tx.references_to("t1", TEST, "none")) == []
+
+    def test_rolled_back_reference_is_gone(self, storage: Storage) -> None:
+        """A reference added in a block that raises is not stored."""
+        ref = StripeReference("t1", TEST, "dp_9", Relation.DISPUTES, "ch_9")
+        with pytest.raises(_Boom):
+            _transact(storage, lambda tx: tx.add_reference(ref), boom=True)
+        with storage.transaction() as tx:
+            assert list(tx.references_from("t1", TEST, "dp_9")) == []
+            assert list(tx.references_to("t1", TEST, "ch_9")) == []
+            assert tx.add_reference(ref) is True
+
+    def test_subscription_products_index(self, storage: Storage) -> None:
+        """A subscription is found under exactly the Stripe products it was last indexed with."""
+        with storage.transaction() as tx:
+            tx.set_subscription_products("t1", TEST, "sub_2", ["prod_A"])
+            tx.set_subscription_products("t1", TEST, "sub_1", ["prod_A", "prod_B"])
+            tx.set_subscription_products("t1", LIVE, "sub_1", ["prod_A"])
+            tx.set_subscription_products("t2", TEST, "sub_3", ["prod_A"])
+        with storage.transaction() as tx:
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_A")) == [
+                "sub_1",
+                "sub_2",
+            ]
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_B")) == ["sub_1"]
+            assert list(tx.subscriptions_for_stripe_product("t1", LIVE, "prod_A")) == ["sub_1"]
+            tx.set_subscription_products("t1", TEST, "sub_1", ["prod_C"])
+            tx.set_subscription_products("t1", TEST, "sub_2", [])
+        with storage.transaction() as tx:
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_A")) == []
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_B")) == []
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_C")) == ["sub_1"]
+            assert list(tx.subscriptions_for_stripe_product("t2", TEST, "prod_A")) == ["sub_3"]
+
+    def test_rolled_back_subscription_products_are_restored(self, storage: Storage) -> None:
+        """Re-indexing a subscription in a block that raises leaves the old index."""
+        with storage.transaction() as tx:
+            tx.set_subscription_products("t1", TEST, "sub_1", ["prod_A"])
+
+        def reindex(tx: Transaction) -> None:
+            tx.set_subscription_products("t1", TEST, "sub_1", ["prod_B"])
+
+        with pytest.raises(_Boom):
+            _transact(storage, reindex, boom=True)
+        with storage.transaction() as tx:
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_A")) == ["sub_1"]
+            assert list(tx.subscriptions_for_stripe_product("t1", TEST, "prod_B")) == []
+
+    # -- Connect onboarding in progress and invitations (issue 3) --------------
+    def test_pending_connection_round_trips_and_is_replaced(self, storage: Storage) -> None:
+        """put_pending_connection inserts, then replaces the record with the same key."""
+        first = _pending("oauth:abc")
+        second = attrs_evolve(first, stripe_account_id="acct_9", idempotency_key="k2")
+        with storage.transaction() as tx:
+            tx.put_pending_connection(first)
+        with storage.transaction() as tx:
+            assert tx.get_pending_connection("oauth:abc") == first
+            assert tx.get_pending_connection("oauth:other") is None
+            tx.put_pending_connection(second)
+        with storage.transaction() as tx:
+            assert tx.get_pending_connection("oauth:abc") == second
+
+    def test_take_pending_connection_is_single_use(self, storage: Storage) -> None:
+        """take_pending_connection returns the record once, then None."""
+        with storage.transaction() as tx:
+            tx.put_pending_connection(_pending("oauth:abc"))
+        with storage.transaction() as tx:
+            assert tx.take_pending_connection("oauth:abc") == _pending("oauth:abc")
+            assert tx.take_pending_connection("oauth:abc") is None
+        with storage.transaction() as tx:
+            assert tx.get_pending_connection("oauth:abc") is None
+            assert tx.take_pending_connection("oauth:missing") is None
+
+    def test_insert_invitation_is_insert_if_absent(self, storage: Storage) -> None:
+        """One invitation per (tenant, mode, Stripe customer): a second insert is refused."""
+        with storage.transaction() as tx:
+            assert tx.insert_invitation(_invitation("cus_A"))
+            assert not tx.insert_invitation(_invitation("cus_A", customer_id="c_other"))
+            assert tx.insert_invitation(_invitation("cus_A", mode=LIVE))
+            assert tx.insert_invitation(_invitation("cus_A", tenant="t2"))
+        with storage.transaction() as tx:
+            assert not tx.insert_invitation(_invitation("cus_A", customer_id="c_again"))
+            assert tx.get_invitation("t1", TEST, "cus_A") == _invitation("cus_A")
+            assert tx.get_invitation("t1", LIVE, "cus_A") == _invitation("cus_A", mode=LIVE)
+            assert tx.get_invitation("t1", TEST, "cus_none") is None
+
+    def test_invitation_round_trips_with_every_field(self, storage: Storage) -> None:
+        """An invitation with every field set comes back equal; put_invitation replaces it."""
+        precise = T0 + timedelta(microseconds=654_321)
+        full = Invitation(
+            tenant="t1",
+            mode=LIVE,
+            stripe_customer_id="cus_full",
+            customer_id="c_zoë",
+            email="zoë@example.com",
+            message_id="invitation.abc@example.com",
+            created_at=precise,
+            state=InvitationState.SENT,
+            attempts=3,
+            next_attempt_at=precise + timedelta(minutes=1),
+            last_error="SMTP 451 «try later»",
+            sent_at=precise + timedelta(minutes=2),
+        )
+        with storage.transaction() as tx:
+            assert tx.insert_invitation(_invitation("cus_full", mode=LIVE))
+            tx.put_invitation(full)
+        with storage.transaction() as tx:
+            assert tx.get_invitation("t1", LIVE, "cus_full") == full
+
+    def test_due_invitations(self, storage: Storage) -> None:
+        """due_invitations lists pending invitations due at `now`, oldest first, up to limit."""
+        with storage.transaction() as tx:
+            tx.insert_invitation(_invitation("cus_1", created=3))
+            tx.insert_invitation(_invitation("cus_2", created=1, next_attempt=10))
+            tx.insert_invitation(_invitation("cus_3", created=2, next_attempt=11))
+            tx.insert_invitation(_invitation("cus_4", created=0, state=InvitationState.SENT))
+            tx.insert_invitation(_invitation("cus_5", created=0, state=InvitationState.NO_EMAIL))
+        with storage.transaction() as tx:
+            assert _customers_of(tx.due_invitations(_at(10), limit=10)) == ["cus_2", "cus_1"]
+            assert _customers_of(tx.due_invitations(_at(10), limit=1)) == ["cus_2"]
+            assert _customers_of(tx.due_invitations(_at(11), limit=10)) == [
+                "cus_2",
+                "cus_3",
+                "cus_1",
+            ]
+            tx.put_invitation(_invitation("cus_2", created=1, state=InvitationState.SENT))
+        with storage.transaction() as tx:
+            assert _customers_of(tx.due_invitations(_at(10), limit=10)) == ["cus_1"]
+
+    def test_claim_invitation_leases_it(self, storage: Storage) -> None:
+        """A claim returns the invitation leased until `until`; it is not due again before then."""
+        with storage.transaction() as tx:
+            tx.insert_invitation(_invitation("cus_1"))
+            tx.insert_invitation(_invitation("cus_sent", state=InvitationState.SENT))
+        with storage.transaction() as tx:
+            claimed = tx.claim_invitation("t1", TEST, "cus_1", now=_at(5), until=_at(65))
+            assert claimed == _invitation("cus_1", next_attempt=65)
+            assert tx.claim_invitation("t1", TEST, "cus_sent", now=_at(5), until=_at(65)) is None
+            assert tx.claim_invitation("t1", TEST, "cus_none", now=_at(5), until=_at(65)) is None
+        with storage.transaction() as tx:
+            assert tx.claim_invitation("t1", TEST, "cus_1", now=_at(64), until=_at(99)) is None
+            assert list(tx.due_invitations(_at(64), limit=10)) == []
+            assert _customers_of(tx.due_invitations(_at(65), limit=10)) == ["cus_1"]
+            assert tx.claim_invitation("t1", TEST, "cus_1", now=_at(65), until=_at(99)) is not None
+
+    def test_onboarding_and_invitation_writes_roll_back(self, storage: Storage) -> None:
+        """A block that raises undoes pending-connection and invitation writes."""
+        with storage.transaction() as tx:
+            tx.put_pending_connection(_pending("oauth:kept"))
+            tx.insert_invitation(_invitation("cus_kept"))
+
+        def writes(tx: Transaction) -> None:
+            assert tx.take_pending_connection("oauth:kept") is not None
+            tx.put_pending_connection(_pending("oauth:new"))
+            tx.insert_invitation(_invitation("cus_new"))
+            tx.put_invitation(_invitation("cus_kept", state=InvitationState.SENT))
+            tx.claim_invitation("t1", TEST, "cus_new", now=_at(0), until=_at(60))
+
+        with pytest.raises(_Boom):
+            _transact(storage, writes, boom=True)
+        with storage.transaction() as tx:
+            assert tx.get_pending_connection("oauth:kept") == _pending("oauth:kept")
+            assert tx.get_pending_connection("oauth:new") is None
+            assert tx.get_invitation("t1", TEST, "cus_new") is None
+            assert tx.get_invitation("t1", TEST, "cus_kept") == _invitation("cus_kept")
+            assert _customers_of(tx.due_invitations(_at(0), limit=10)) == ["cus_kept"]
+
+    def test_concurrent_insert_invitation_has_one_winner(self, storage: Storage) -> None:
+        """Of N threads inserting the invitation for one Stripe customer, exactly one wins."""
+
+        def insert(i: int) -> bool:
+            with storage.transaction() as tx:
+                return tx.insert_invitation(_invitation("cus_race", customer_id=f"c{i}"))
+
+        results = self._race(insert)
+        assert sorted(results) == [False] * (self.threads - 1) + [True]
+
+    def test_concurrent_take_pending_connection_has_one_winner(self, storage: Storage) -> None:
+        """Of N threads taking one pending connection (an OAuth state), exactly one gets it."""
+        with storage.transaction() as tx:
+            tx.put_pending_connection(_pending("oauth:race"))
+
+        def take(_: int) -> bool:
+            with storage.transaction() as tx:
+                return tx.take_pending_connection("oauth:race") is not None
+
+        results = self._race(take)
+        assert sorted(results) == [False] * (self.threads - 1) + [True]
+
+    def test_concurrent_claim_invitation_has_one_winner(self, storage: Storage) -> None:
+        """Of N threads claiming one due invitation at once, exactly one gets it."""
+        with storage.transaction() as tx:
+            tx.insert_invitation(_invitation("cus_claim"))
+
+        def claim(_: int) -> bool:
+            with storage.transaction() as tx:
+                found = tx.claim_invitation("t1", TEST, "cus_claim", now=_at(1), until=_at(60))
+            return found is not None
+
+        results = self._race(claim)
+        assert sorted(results) == [False] * (self.threads - 1) + [True]
+
+
+def _pending(key: str) -> PendingConnection:
+    return PendingConnection(
+        key=key,
+        tenant="t1",
+        mode=TEST,
+        kind="oauth",
+        created_at=T0,
+        expires_at=T0 + timedelta(hours=1),
+        redirect_uri="https://app.example.com/back",
+    )
+
+
+def _invitation(
+    stripe_customer_id: str,
+    *,
+    tenant: str = "t1",
+    mode: Mode = TEST,
+    customer_id: str = "c1",
+    created: float = 0,
+    next_attempt: float | None = None,
+    state: InvitationState = InvitationState.PENDING,
+) -> Invitation:
+    return Invitation(
+        tenant=tenant,
+        mode=mode,
+        stripe_customer_id=stripe_customer_id,
+        customer_id=customer_id,
+        email="a@example.com",
+        message_id=f"invitation.{customer_id}@example.com",
+        created_at=_at(created),
+        state=state,
+        next_attempt_at=None if next_attempt is None else _at(next_attempt),
+    )
+
+
+def _customers_of(invitations: Sequence[Invitation]) -> list[str]:
+    return [i.stripe_customer_id for i in invitations]

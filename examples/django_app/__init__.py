@@ -1,0 +1,1 @@
+"""A Django host project wired to rational_billing (see README.md)."""

@@ -1,0 +1,1 @@
+"""The example Django project: settings, URLs, the Billing and one gated view."""

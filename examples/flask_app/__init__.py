@@ -1,0 +1,1 @@
+"""A Flask host app wired to rational_billing (see README.md)."""
