@@ -230,6 +230,8 @@ def test_list_pages_through_every_customer(billing: Billing) -> None:
         (lambda b: b.customers.create_in_stripe("acme", "c1", mode=Mode.LIVE), TenantNotConnected),
         (lambda b: b.customers.create_in_stripe("acme", "c1", mode="sandbox"), InvalidArgument),
         (lambda b: b.customers.create_in_stripe("ghost", "c1", mode=Mode.TEST), TenantNotFound),
+        (lambda b: b.customers.delete("ghost", "c1"), TenantNotFound),
+        (lambda b: b.customers.delete("acme", "missing"), CustomerNotFound),
     ],
 )
 def test_bad_input_raises_a_specific_error_and_writes_nothing(
@@ -404,3 +406,67 @@ def test_listing_an_unknown_tenant_raises_and_a_disconnected_one_still_lists(
     customer = billing.customers.create("acme", email="kept@example.com")
     billing.tenants.disconnect("acme")
     assert list(billing.customers.list("acme")) == [customer]
+
+
+def test_deleting_a_customer_cancels_its_queued_create_in_stripe(
+    billing: Billing, clock: Clock
+) -> None:
+    """A local delete while create_in_stripe waits in the outbox: no Stripe customer is made later."""
+    customer = billing.customers.create("acme", email="gone@example.com")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers", status=503, json={})
+        billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    billing.customers.delete("acme", customer.id)
+    clock.now += timedelta(hours=1)
+    with responses.RequestsMock():  # any call to Stripe fails the test
+        assert billing.sync.push_pending() == 0
+    with billing.storage.transaction() as tx:
+        (cancelled,) = tx.outbox_with_state(OutboxState.CANCELLED)
+    assert cancelled.operation == "customer.create" and "deleted" in (cancelled.last_error or "")
+
+
+def test_a_newer_stripe_event_that_changed_none_of_our_fields_keeps_a_pending_local_change(
+    billing: Billing, clock: Clock
+) -> None:
+    """A customer.updated for a card or balance change neither cancels nor overwrites a queued edit."""
+    customer = _linked(billing, "cus_P1", email="a@example.com", name="Old")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_P1", status=503, json={})
+        billing.customers.update("acme", customer.id, name="Local")
+    card = make_event(
+        "customer.updated",
+        build_customer(id="cus_P1", email="a@example.com", name="Old"),
+        account=ACCOUNT,
+        created=int((clock.now + timedelta(seconds=30)).timestamp()),
+        previous_attributes={"invoice_settings": {"default_payment_method": None}},
+    )
+    clock.now += timedelta(minutes=1)
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_P1", json=build_customer(id="cus_P1", name="Local"))
+        assert _deliver(billing, card, clock).status_code == 200
+        assert billing.customers.get("acme", customer.id).name == "Local"
+        assert billing.sync.push_pending() == 1
+        assert _form(mock.calls[0]) == {"name": ["Local"]}
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.SYNCED
+
+
+def test_a_newer_stripe_event_that_changed_the_name_still_wins(
+    billing: Billing, clock: Clock
+) -> None:
+    """With previous_attributes naming one of our fields, the newer Stripe change wins as before."""
+    customer = _linked(billing, "cus_P2", email="a@example.com", name="Old")
+    with responses.RequestsMock() as mock:
+        mock.post(f"{API}/v1/customers/cus_P2", status=503, json={})
+        billing.customers.update("acme", customer.id, name="Local")
+    renamed = make_event(
+        "customer.updated",
+        build_customer(id="cus_P2", email="a@example.com", name="Dash"),
+        account=ACCOUNT,
+        created=int((clock.now + timedelta(seconds=30)).timestamp()),
+        previous_attributes={"name": "Old"},
+    )
+    clock.now += timedelta(minutes=1)
+    with responses.RequestsMock():
+        assert _deliver(billing, renamed, clock).outcome is EventOutcome.APPLIED
+        assert billing.sync.push_pending() == 0
+    assert billing.customers.get("acme", customer.id).name == "Dash"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from rational_billing import Billing, EventOutcome, Mode
+from rational_billing.domain.access import DenialReason
 from rational_billing.domain.models import Dispute, Invoice, Refund, Relation, Subscription
 from rational_billing.testing import (
     InMemoryStorage,
@@ -26,6 +27,7 @@ from rational_billing.testing import (
 )
 
 from .test_subscriptions import (
+    DAY,
     T0,
     TENANT,
     Clock,
@@ -108,8 +110,24 @@ def _object(kind: str, event_type: str) -> dict[str, Any]:
     raise AssertionError(f"the table names an unknown object {kind!r}")
 
 
+def _before(billing: Billing, check: str) -> None:
+    """What must be stored before the event for its effect to show."""
+    if check in ("ended", "revoked"):
+        deliver(billing, "customer.subscription.created", subscription(), created=T0 - DAY)
+        assert billing.subscriptions.has_access(TENANT, "ada", "pro") is True
+    if check == "revoked":
+        paid = build_invoice(
+            customer="cus_A", id="in_1", subscription="sub_A", shape="legacy", charge="ch_1"
+        )
+        deliver(billing, "invoice.paid", paid, created=T0 - DAY)
+
+
 def _check(billing: Billing, check: str, kind: str, obj: dict[str, Any], event_type: str) -> None:
-    if check == "mirror":
+    if check in ("ended", "revoked"):
+        assert billing.subscriptions.has_access(TENANT, "ada", "pro") is False
+        reason = DenialReason.STATUS if check == "ended" else DenialReason.LOST_DISPUTE
+        assert billing.subscriptions.access(TENANT, "ada").denied["pro"].reason is reason
+    elif check == "mirror":
         model = {"subscription": Subscription, "invoice": Invoice, "dispute": Dispute}.get(
             kind, Refund
         )
@@ -148,6 +166,7 @@ def test_each_event_has_its_documented_effect(event_type: str, kind: str, check:
     billing = make_billing(InMemoryStorage(), clock=Clock())
     link_customer(billing, "ada", "cus_A")
     map_product(billing, "pro", "prod_pro")
+    _before(billing, check)
     obj = _object(kind, event_type)
     response = deliver(billing, event_type, obj, created=T0)
     assert (response.status_code, response.outcome) == (200, EventOutcome.APPLIED), response

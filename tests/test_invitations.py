@@ -208,8 +208,8 @@ def test_duplicate_and_distinct_deliveries_make_one_customer_and_one_email() -> 
     assert len(_mailer(billing).sent) == 1
 
 
-def test_a_failed_send_is_kept_and_retried_by_push_pending_with_the_same_message_id() -> None:
-    """The mailer fails once: the webhook still succeeds, and push_pending sends it later, once."""
+def test_a_failed_send_keeps_the_invitation_pending_with_its_error() -> None:
+    """The mailer fails once: the webhook still answers 200 and the invitation waits, with the error."""
     mailer = RecordingMailer(fail_times=1)
     billing = _billing(mailer=mailer)
     remote = _held(billing, id="cus_FAIL", email="fail@example.com")

@@ -344,6 +344,26 @@ def test_invoice_subscription_in_either_place(
     assert (new.subscription_id, new.stripe_customer_id) == ("sub_1", "cus_1")
 
 
+@pytest.mark.parametrize(
+    ("flags", "status"),
+    [
+        ({"paid": True, "closed": True}, "paid"),
+        ({"paid": False, "forgiven": True, "closed": True}, "uncollectible"),
+        # closed=true became auto_advance=false in 2018-11-08: still open, not uncollectible.
+        ({"paid": False, "forgiven": False, "closed": True}, "open"),
+        ({"paid": False, "closed": False}, "open"),
+    ],
+)
+def test_invoices_before_2018_11_08_read_their_status_from_flags(
+    flags: dict[str, bool], status: str
+) -> None:
+    """An invoice without status gets it from paid and forgiven as Stripe's upgrade maps them."""
+    raw = build_invoice(customer="cus_1", id="in_1", shape="legacy")
+    del raw["status"]
+    raw.update(flags)
+    assert normalize_invoice(raw, **KW).record.status == status
+
+
 def test_embedded_and_referenced_objects_are_read_alike() -> None:
     """A dispute's charge, embedded or named by id, gives the same charge id."""
     charge = build_charge(id="ch_1", customer="cus_1", invoice="in_1", payment_intent="pi_1")

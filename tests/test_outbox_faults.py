@@ -9,7 +9,11 @@ owed to Stripe is lost (DESIGN.md §4.4, §4a.8).
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -349,3 +353,163 @@ def test_customer_created_event_in_the_crash_window_links_without_a_second_custo
     assert len(world.fake.customers(ACCOUNT)) == 1
     mailer = restarted.mailer
     assert isinstance(mailer, RecordingMailer) and mailer.sent == []
+
+
+def test_push_pending_keeps_a_customers_changes_in_order_behind_a_backoff(
+    world: World, clock: Clock
+) -> None:
+    """A later update never overtakes an earlier one waiting out its backoff: Stripe ends with the latest."""
+    billing = world.opened[0]
+    customer = billing.customers.create("acme", email="order@example.com")
+    linked = billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert linked.link is not None
+    path = f"/v1/customers/{linked.link.stripe_customer_id}"
+    world.fake.fail_next("error", status=503, save=False, path=path)
+    billing.customers.update("acme", customer.id, name="First")  # 503: waits 2 s
+    billing.customers.update("acme", customer.id, name="Second")  # queued behind it
+    assert billing.sync.push_pending() == 0  # the first is not due, so nothing goes
+    assert len(_posts(world.fake, path)) == 1
+    clock.now += timedelta(seconds=2)
+    assert billing.sync.push_pending() == 2
+    assert [c.form["name"] for c in _posts(world.fake, path)] == ["First", "First", "Second"]
+    (remote,) = world.fake.customers(ACCOUNT)
+    assert remote["name"] == billing.customers.get("acme", customer.id).name == "Second"
+
+
+def test_an_update_made_while_create_in_stripe_waits_reaches_stripe(
+    world: World, clock: Clock
+) -> None:
+    """Email, name and metadata changed before a queued create lands are pushed right after it."""
+    billing = world.opened[0]
+    customer = billing.customers.create(
+        "acme", email="before@example.com", name="Before", metadata={"a": "1", "b": "2"}
+    )
+    world.fake.fail_next("error", status=503, save=False)
+    assert billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST).link is None
+    billing.customers.update(
+        "acme", customer.id, email="after@example.com", name="After", metadata={"a": None, "c": "3"}
+    )
+    clock.now += timedelta(minutes=1)
+    assert billing.sync.push_pending() == 2  # the create, then the change made meanwhile
+    (remote,) = world.fake.customers(ACCOUNT)
+    assert (remote["email"], remote["name"]) == ("after@example.com", "After")
+    assert remote["metadata"] == {
+        "b": "2",
+        "c": "3",
+        "rational_customer_id": customer.id,
+        "rational_tenant": "acme",
+    }
+    local = billing.customers.get("acme", customer.id)
+    assert local.link is not None and local.link.stripe_customer_id == remote["id"]
+    assert local.sync_state is SyncState.SYNCED
+    assert billing.sync.push_pending() == 0
+
+
+def test_repeated_5xx_while_stripe_cannot_be_checked_keeps_the_create_queued(
+    world: World, clock: Clock
+) -> None:
+    """Six 503s in a row while listing fails too is an outage, not a saved 5xx: kept, then sent once."""
+    billing = world.opened[0]
+    customer = billing.customers.create("acme", email="outage@example.com")
+    world.fake.fail_next("error", status=503, save=False, times=6)
+    world.fake.fail_next("error", method="GET", status=503, save=False, times=2)
+    billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    for _ in range(5):
+        clock.now += timedelta(hours=1)
+        assert billing.sync.push_pending() == 0
+    assert billing.sync.failed() == []
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.PENDING
+    clock.now += timedelta(hours=1)
+    assert billing.sync.push_pending() == 1
+    (remote,) = world.fake.customers(ACCOUNT)
+    linked = billing.customers.get("acme", customer.id)
+    assert linked.link is not None and linked.link.stripe_customer_id == remote["id"]
+    assert len({c.headers["Idempotency-Key"] for c in _posts(world.fake)}) == 1
+
+
+def test_repeated_5xx_on_an_update_already_in_stripe_completes_it(
+    world: World, clock: Clock
+) -> None:
+    """Stripe applied the update but replays a saved 500: a read of Stripe's state completes the entry."""
+    billing = world.opened[0]
+    customer = billing.customers.create("acme", email="applied@example.com")
+    linked = billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+    assert linked.link is not None
+    path = f"/v1/customers/{linked.link.stripe_customer_id}"
+    world.fake.fail_next("error", status=500, commit=True, path=path)
+    billing.customers.update("acme", customer.id, name="Applied")
+    for _ in range(6):
+        clock.now += timedelta(hours=1)
+        billing.sync.push_pending()
+    assert billing.sync.failed() == []
+    assert billing.customers.get("acme", customer.id).sync_state is SyncState.SYNCED
+    (remote,) = world.fake.customers(ACCOUNT)
+    assert remote["name"] == "Applied"
+
+
+class _PausingTransaction:
+    """Forwards to a storage transaction, pausing after each read of a customer's outbox queue."""
+
+    def __init__(self, tx: Any, pause: float) -> None:
+        self._tx = tx
+        self._pause = pause
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def outbox_for_customer(self, tenant: str, customer_id: str) -> Any:
+        found = self._tx.outbox_for_customer(tenant, customer_id)
+        time.sleep(self._pause)
+        return found
+
+
+class _PausingStorage:
+    """A storage whose transactions pause after reading an outbox queue, to widen races."""
+
+    def __init__(self, inner: SQLStorage, pause: float) -> None:
+        self._inner = inner
+        self._pause = pause
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._inner.transaction() as tx:
+            yield _PausingTransaction(tx, self._pause)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.postgres
+def test_concurrent_create_in_stripe_on_postgres_makes_one_stripe_customer(
+    fake: FakeStripe, pg_storage_url: str
+) -> None:
+    """Threads calling create_in_stripe for one customer at once write one entry: one Stripe customer."""
+    config = BillingConfig(
+        test=ModeKeys(secret_key="sk_test_faults", webhook_secrets=(SECRET,)), api_base=fake.url
+    )
+    retry = RetryPolicy(attempts=1, initial_wait=0, max_wait=0, retry_after_cap=0, jitter=False)
+    billing = Billing(
+        config=config,
+        storage=_PausingStorage(SQLStorage(pg_storage_url), pause=0.1),
+        mailer=RecordingMailer(),
+        stripe=StripeGateway(config, retry=retry, sleep=lambda _: None),
+    )
+    threads = 3
+    start = threading.Barrier(threads)
+    try:
+        billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+        customer = billing.customers.create("acme", email="race@example.com")
+
+        def create(_: int) -> Any:
+            start.wait(timeout=30)
+            return billing.customers.create_in_stripe("acme", customer.id, mode=Mode.TEST)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(create, range(threads)))
+        billing.sync.push_pending()
+        (remote,) = fake.customers(ACCOUNT)
+        assert len({c.headers["Idempotency-Key"] for c in _posts(fake)}) == 1
+        linked = billing.customers.get("acme", customer.id)
+        assert linked.link is not None and linked.link.stripe_customer_id == remote["id"]
+    finally:
+        billing.close()

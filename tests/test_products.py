@@ -107,6 +107,8 @@ def test_bad_product_input_changes_nothing(billing: Billing) -> None:
         billing.products.create(TENANT, product_id="bad id", name="X")
     with pytest.raises(TenantNotFound):
         billing.products.create("nobody", product_id="x", name="X")
+    with pytest.raises(TenantNotFound):
+        billing.products.unmap("nobody", "pro", mode=Mode.TEST)
     with pytest.raises(ProductNotFound):
         billing.products.get(TENANT, "missing")
     assert [p.name for p in billing.products.list(TENANT)] == ["Pro plan"]

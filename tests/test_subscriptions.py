@@ -506,6 +506,36 @@ def test_marked_uncollectible_ends_the_grace(graceful: Billing, clock: Clock) ->
     assert "uncollectible" in denial.message
 
 
+def test_an_older_unpaid_invoice_never_stands_in_for_the_latest(
+    graceful: Billing, clock: Clock
+) -> None:
+    """An old uncollectible invoice does not end the grace of a newer failure not mirrored yet."""
+    old = build_invoice(customer="cus_A", id="in_old", subscription="sub_A", status="uncollectible")
+    deliver(graceful, "invoice.marked_uncollectible", old, created=T0 - 60 * DAY)
+    # customer.subscription.updated often arrives before the invoice.payment_failed of in_new.
+    _past_due(graceful, T0, invoice="in_new")
+    clock.now = T0 + DAY
+    assert graceful.subscriptions.has_access(TENANT, "ada", "pro") is True
+    assert graceful.subscriptions.access(TENANT, "ada").grants["pro"].grace_until == T0 + 3 * DAY
+    new = build_invoice(customer="cus_A", id="in_new", subscription="sub_A", status="open")
+    deliver(graceful, "invoice.payment_failed", new, created=T0 - timedelta(hours=1))
+    grant = graceful.subscriptions.access(TENANT, "ada").grants["pro"]
+    assert grant.grace_until == T0 - timedelta(hours=1) + 3 * DAY
+
+
+def test_a_draft_latest_invoice_leaves_the_grace_to_the_failed_one(
+    graceful: Billing, clock: Clock
+) -> None:
+    """When the latest invoice is the next period's draft, the failed open one keeps the grace."""
+    failed = build_invoice(customer="cus_A", id="in_1", subscription="sub_A", status="open")
+    deliver(graceful, "invoice.payment_failed", failed, created=T0)
+    draft = build_invoice(customer="cus_A", id="in_2", subscription="sub_A", status="draft")
+    deliver(graceful, "invoice.created", draft, created=T0 + DAY)
+    _past_due(graceful, T0 + 2 * DAY, invoice="in_2")
+    clock.now = T0 + 2 * DAY
+    assert graceful.subscriptions.access(TENANT, "ada").grants["pro"].grace_until == T0 + 3 * DAY
+
+
 def test_default_policy_has_no_grace(billing: Billing) -> None:
     """With the default policy, past_due grants nothing."""
     _past_due(billing, T0)
@@ -618,21 +648,21 @@ def test_inquiries_never_change_access(storage: Storage, clock: Clock, status: s
     assert b.subscriptions.has_access(TENANT, "ada", "pro") is True
 
 
-def test_open_dispute_suspends_only_when_the_policy_says(storage: Storage, clock: Clock) -> None:
+@pytest.mark.parametrize("suspend", [False, True])
+def test_open_dispute_suspends_only_when_the_policy_says(
+    storage: Storage, clock: Clock, suspend: bool
+) -> None:
     """An open dispute keeps access by default and suspends it with suspend_on_open_dispute."""
-    for suspend, expected in ((False, True), (True, False)):
-        b = make_billing(
-            InMemoryStorage(), policy=AccessPolicy(suspend_on_open_dispute=suspend), clock=clock
-        )
-        link_customer(b, "ada", "cus_A")
-        map_product(b, "pro", "prod_pro")
-        _paid_subscription_old_api(b)
-        dispute = build_dispute(id="dp_1", charge="ch_1", status="needs_response")
-        deliver(b, "charge.dispute.created", dispute, created=T0)
-        assert b.subscriptions.has_access(TENANT, "ada", "pro") is expected
-        won = build_dispute(id="dp_1", charge="ch_1", status="won")
-        deliver(b, "charge.dispute.closed", won, created=T0 + DAY)
-        assert b.subscriptions.has_access(TENANT, "ada", "pro") is True
+    b = make_billing(storage, policy=AccessPolicy(suspend_on_open_dispute=suspend), clock=clock)
+    link_customer(b, "ada", "cus_A")
+    map_product(b, "pro", "prod_pro")
+    _paid_subscription_old_api(b)
+    dispute = build_dispute(id="dp_1", charge="ch_1", status="needs_response")
+    deliver(b, "charge.dispute.created", dispute, created=T0)
+    assert b.subscriptions.has_access(TENANT, "ada", "pro") is not suspend
+    won = build_dispute(id="dp_1", charge="ch_1", status="won")
+    deliver(b, "charge.dispute.closed", won, created=T0 + DAY)
+    assert b.subscriptions.has_access(TENANT, "ada", "pro") is True
 
 
 def test_lost_dispute_keeps_access_when_the_policy_says(storage: Storage, clock: Clock) -> None:
@@ -665,6 +695,30 @@ def test_refunds_are_full_or_partial(storage: Storage, clock: Clock) -> None:
     assert state is not None and state.full
     assert state.refund_ids == ("re_1", "re_2", "re_3")
     assert b.subscriptions.access(TENANT, "ada").denied["pro"].reason is DenialReason.FULL_REFUND
+
+
+def test_refund_tied_inside_a_charge_event_is_revalidated(
+    storage: Storage, clock: Clock, stripe: FakeStripe
+) -> None:
+    """A refund embedded in charge.refunded, in the same second as its refund event, is fetched."""
+    b = make_billing(
+        storage, policy=AccessPolicy(revoke_on_full_refund=True), clock=clock, stripe=stripe
+    )
+    link_customer(b, "ada", "cus_A")
+    map_product(b, "pro", "prod_pro")
+    _paid_subscription_old_api(b)
+    failed = build_refund(charge="ch_1", id="re_1", amount=2000, status="failed")
+    deliver(b, "refund.failed", failed, created=T0 + DAY)
+    stripe.serve(failed)  # what Stripe holds: the refund failed
+    pending = build_refund(charge="ch_1", id="re_1", amount=2000, status="pending")
+    charge = build_charge(id="ch_1", customer="cus_A", invoice="in_1", refunds=[pending])
+    clock.advance(timedelta(days=1, seconds=5))
+    response = deliver(b, "charge.refunded", charge, created=T0 + DAY, api_version="2019-12-03")
+    assert response.outcome is EventOutcome.APPLIED
+    assert "same-second update of refund re_1" in response.message
+    assert ("GET", "/v1/refunds/re_1", Mode.TEST, ACCOUNT) in stripe.calls
+    assert stored(b, Refund, "re_1").status == "failed"
+    assert b.subscriptions.has_access(TENANT, "ada", "pro") is True
 
 
 def test_full_refund_keeps_access_by_default(billing: Billing) -> None:

@@ -23,6 +23,7 @@ from rational_billing.errors import (
     ConfigError,
     InvalidArgument,
     OAuthStateError,
+    RemapConfirmationRequired,
     StripeAPIError,
     TenantNotConnected,
     TenantNotFound,
@@ -461,6 +462,23 @@ def test_another_platforms_deauthorization_is_ignored(billing: Billing, clock: C
     assert billing.tenants.get("acme").connected
 
 
+def test_registering_the_same_connection_again_keeps_a_deauthorization_current(
+    billing: Billing, clock: Clock
+) -> None:
+    """connect() again for the same account (say at start-up) does not make a later deauthorization stale."""
+    billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+    deauthorized_at = int((clock.now + timedelta(minutes=5)).timestamp())
+    clock.now += timedelta(minutes=10)
+    again = billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+    assert again.connected_at == clock.now - timedelta(minutes=10)
+    application = {"id": CLIENT_IDS[Mode.TEST], "object": "application", "name": None}
+    event = make_event(
+        "account.application.deauthorized", application, account=ACCOUNT, created=deauthorized_at
+    )
+    assert _deliver(billing, event, clock).outcome is EventOutcome.APPLIED
+    assert billing.tenants.get("acme").status is TenantStatus.DISCONNECTED
+
+
 @responses.activate
 def test_events_held_for_an_account_are_applied_when_oauth_connects_it(
     billing: Billing, clock: Clock
@@ -483,3 +501,21 @@ def test_events_held_for_an_account_are_applied_when_oauth_connects_it(
     refresh = responses.calls[-1]
     assert refresh.request.headers["Stripe-Account"] == ACCOUNT
     assert refresh.request.headers["Authorization"] == f"Bearer {KEYS[Mode.TEST]}"
+
+
+def test_moving_a_tenant_to_another_account_needs_confirmation(billing: Billing) -> None:
+    """connect with a different account (or off the direct account) is guarded like a remap."""
+    billing.tenants.connect("acme", "acct_1OLDACCOUNT", modes=frozenset({Mode.TEST}))
+    before = _snapshot(billing)
+    with pytest.raises(RemapConfirmationRequired) as info:
+        billing.tenants.connect("acme", "acct_1NEWACCOUNT", modes=frozenset({Mode.TEST}))
+    assert info.value.impact["from_account"] == "acct_1OLDACCOUNT"
+    assert info.value.impact["to_account"] == "acct_1NEWACCOUNT"
+    assert _snapshot(billing) == before
+    moved = billing.tenants.connect(
+        "acme", "acct_1NEWACCOUNT", modes=frozenset({Mode.TEST}), confirm_remap=True
+    )
+    assert moved.stripe_account_id == "acct_1NEWACCOUNT"
+    billing.tenants.register_direct("solo")
+    with pytest.raises(RemapConfirmationRequired):
+        billing.tenants.connect("solo", "acct_1SOLOACCOUNT", modes=frozenset({Mode.TEST}))

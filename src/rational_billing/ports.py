@@ -86,6 +86,15 @@ class Transaction(Protocol):
         """The customer, or None."""
         ...
 
+    def lock_customer(self, tenant: str, customer_id: str) -> Customer | None:
+        """The customer, or None; locked until this transaction ends.
+
+        A concurrent transaction locking the same customer waits, then sees what
+        this one committed, so a read-modify-write of a customer loses nothing
+        (PostgreSQL: ``SELECT ... FOR UPDATE``).
+        """
+        ...
+
     def customer_by_link(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Customer | None:
         """The local customer linked to that Stripe customer, or None."""
         ...

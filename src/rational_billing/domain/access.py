@@ -18,26 +18,13 @@ import attrs
 from .._config import Mode
 from ..errors import ConfigError
 from .models import CustomerLink
+from .normalize import SUBSCRIPTION_STATUSES
 
 __all__ = ["AccessPolicy", "AccessSummary", "Denial", "DenialReason", "Grant"]
 
 
 def _freeze(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
-
-
-_KNOWN_STATUSES = frozenset(
-    {
-        "active",
-        "trialing",
-        "past_due",
-        "unpaid",
-        "paused",
-        "incomplete",
-        "incomplete_expired",
-        "canceled",
-    }
-)
 
 
 def _statuses(value: object) -> frozenset[str]:
@@ -73,7 +60,7 @@ class AccessPolicy:
     revoke_on_full_refund: bool = False
 
     def __attrs_post_init__(self) -> None:
-        unknown = sorted(self.granting_statuses - _KNOWN_STATUSES)
+        unknown = sorted(self.granting_statuses - SUBSCRIPTION_STATUSES)
         if unknown:
             raise ConfigError(f"unknown subscription status(es) in granting_statuses: {unknown}")
         if self.past_due_grace < timedelta(0):

@@ -174,9 +174,9 @@ def refunded_amount(refunds: Iterable[Refund]) -> int:
     return sum(r.amount for r in refunds if r.status in REFUND_COUNTING_STATUSES)
 
 
-def is_full_refund(refunded: int, invoice: Invoice) -> bool:
-    """True when ``refunded`` equals (or exceeds) what was paid on ``invoice`` (§4a.10)."""
-    return invoice.amount_paid > 0 and refunded >= invoice.amount_paid
+def is_full_refund(refunded: int, amount_paid: int) -> bool:
+    """True when ``refunded`` equals (or exceeds) what was paid on the invoice (§4a.10)."""
+    return amount_paid > 0 and refunded >= amount_paid
 
 
 # -- history merges -------------------------------------------------------------------

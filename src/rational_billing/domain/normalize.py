@@ -9,7 +9,7 @@ account's default version, so the same object arrives in several shapes
 - an invoice's subscription at ``invoice.subscription`` (old) or at
   ``invoice.parent.subscription_details.subscription`` (new);
 - related objects embedded (expanded) or named by id;
-- old invoices without ``status`` (``paid``/``forgiven``/``closed`` flags).
+- old invoices without ``status`` (``paid``/``forgiven`` flags; ``closed`` only stopped collection).
 
 Unknown keys are ignored. An unknown status is kept as the string Stripe sent
 (it grants nothing) and reported in ``warnings``. A missing id, customer or
@@ -382,10 +382,12 @@ def normalize_subscription(
 
 
 def _legacy_invoice_status(obj: Mapping[str, Any]) -> str:
-    # Before 2018-11-08 invoices had no status, only flags.
+    # Before 2018-11-08 invoices had no status, only flags. Stripe's upgrade
+    # turned ``forgiven`` into the uncollectible status, and ``closed`` into
+    # ``auto_advance=false``: a closed invoice is still open, and owed.
     if obj.get("paid") is True:
         return "paid"
-    if obj.get("forgiven") is True or obj.get("closed") is True:
+    if obj.get("forgiven") is True:
         return "uncollectible"
     return "open"
 
@@ -535,10 +537,6 @@ def _unique(references: Sequence[StripeReference]) -> list[StripeReference]:
     return list(dict.fromkeys(references))
 
 
-def _embedded_charge(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
 def normalize_dispute(
     obj: Mapping[str, Any], *, tenant: str, mode: Mode, marker: datetime
 ) -> Normalized[Dispute]:
@@ -552,7 +550,7 @@ def normalize_dispute(
     """
     stripe_id = _require_id(obj, "dispute")
     warnings: list[str] = []
-    charge_obj = _embedded_charge(obj.get("charge"))
+    charge_obj = _mapping(obj.get("charge"))
     charge = object_id(obj.get("charge"))
     if charge is None:
         raise StripeObjectError(f"dispute {stripe_id} names no charge")
@@ -599,7 +597,7 @@ def normalize_refund(
     """
     stripe_id = _require_id(obj, "refund")
     warnings: list[str] = []
-    charge_obj = _embedded_charge(obj.get("charge")) or (charge or {})
+    charge_obj = _mapping(obj.get("charge")) or (charge or {})
     charge_id = object_id(obj.get("charge")) or object_id(charge_obj.get("id"))
     intent = object_id(obj.get("payment_intent")) or object_id(charge_obj.get("payment_intent"))
     if obj.get("status") is None:

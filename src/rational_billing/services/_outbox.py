@@ -8,14 +8,17 @@ creates nothing twice.
 - A retryable failure keeps the entry pending with a backoff (capped at 1 h).
 - A permanent 4xx moves it to the failed list with its error.
 - An entry that keeps getting the same 5xx (Stripe replays a saved 5xx under
-  the same key) is resolved by checking Stripe's state, then failed.
+  the same key) is resolved by checking Stripe's state: done when its effect
+  is there, failed when it is not, and kept pending when Stripe cannot even be
+  read (an outage, not a saved answer).
 - An entry older than 23 h is first checked against Stripe's state, because
   Stripe may have forgotten its key: ``create_in_stripe`` lists customers
   with that email and reads their metadata (never Search, which lags).
 
 Operations:
 
-- ``customer.create``: ``POST /v1/customers``; the result links the customer.
+- ``customer.create``: ``POST /v1/customers``; the customer service links the
+  result (and queues whatever changed locally meanwhile).
 - ``customer.update``: ``POST /v1/customers/{id}`` with the changed fields.
 - ``customer.tag``: ``POST /v1/customers/{id}`` writing or clearing our own
   metadata (``rational_customer_id``) on link and unlink; a customer that no
@@ -37,14 +40,7 @@ from typing import Any
 import attrs
 
 from .._config import Mode
-from ..domain.models import (
-    Customer,
-    CustomerLink,
-    OutboxEntry,
-    OutboxState,
-    SyncState,
-    Tenant,
-)
+from ..domain.models import Customer, OutboxEntry, OutboxState, SyncState
 from ..errors import StripeAPIError
 from ..ports import Clock, Storage, StripeAPI, Transaction
 
@@ -69,6 +65,8 @@ REFRESH_CUSTOMER = "customer.refresh"
 _KEY_TTL = timedelta(hours=23)
 _MAX_BACKOFF = timedelta(hours=1)
 _SAME_5XX_LIMIT = 5
+#: Operations that change Stripe, so that Stripe may replay a saved 5xx for them.
+_MUTATING = frozenset({CREATE_CUSTOMER, UPDATE_CUSTOMER, TAG_CUSTOMER})
 
 #: Applies what Stripe answered to local state, inside the transaction that marks
 #: the entry done: ``handler(tx, entry, result)``.
@@ -180,32 +178,39 @@ class Outbox:
 
     # -- draining --------------------------------------------------------------
     def push_pending(self, *, limit: int = 1000) -> int:
-        """Push every due entry, oldest first; returns how many Stripe accepted."""
+        """Push every due entry, oldest first; returns how many Stripe accepted.
+
+        Each customer's entries go out in the order they were written: one
+        waiting out its backoff holds back the ones written after it.
+        """
         with self._storage.transaction() as tx:
             due = list(tx.due_outbox(self._clock(), limit=limit))
-        blocked: set[tuple[str, str]] = set()
-        done = 0
-        for entry in due:
-            owner = (entry.tenant, entry.customer_id)
-            if owner in blocked:
-                continue  # keep one customer's changes in order
-            if self.push(entry):
-                done += 1
-            else:
-                blocked.add(owner)
-        return done
+        owners = dict.fromkeys((entry.tenant, entry.customer_id) for entry in due)
+        return sum(self._push_queue(tenant, customer_id)[0] for tenant, customer_id in owners)
 
     def push_customer(self, tenant: str, customer_id: str) -> bool:
         """Push the customer's pending entries in order; True when none is left."""
-        with self._storage.transaction() as tx:
-            pending = list(tx.outbox_for_customer(tenant, customer_id))
-        now = self._clock()
-        for entry in pending:
-            if entry.next_attempt_at is not None and entry.next_attempt_at > now:
-                return False
-            if not self.push(entry):
-                return False
-        return True
+        return self._push_queue(tenant, customer_id)[1]
+
+    def _push_queue(self, tenant: str, customer_id: str) -> tuple[int, bool]:
+        """Push the customer's entries in order until one is not due or fails.
+
+        Returns how many Stripe accepted and whether none is left. Entries
+        written while pushing (the update that follows a create) go out too.
+        """
+        accepted = 0
+        while True:
+            with self._storage.transaction() as tx:
+                pending = list(tx.outbox_for_customer(tenant, customer_id))
+            if not pending:
+                return accepted, True
+            now = self._clock()
+            for entry in pending:
+                if entry.next_attempt_at is not None and entry.next_attempt_at > now:
+                    return accepted, False
+                if not self.push(entry):
+                    return accepted, False
+                accepted += 1
 
     def push(self, entry: OutboxEntry) -> bool:
         """Send one entry; True when Stripe accepted it (now or earlier)."""
@@ -214,22 +219,31 @@ class Outbox:
             tenant = None if current is None else tx.get_tenant(current.tenant)
         if current is None or current.state is not OutboxState.PENDING:
             return current is not None and current.state is OutboxState.DONE
-        operation = self._operations[current.operation]
+        if tenant is None or not tenant.connected or current.mode not in tenant.modes:
+            # Kept, not failed: the entry goes out once the tenant is connected again.
+            waiting = StripeAPIError(
+                f"tenant {current.tenant!r} is not connected in {current.mode.value} mode",
+                retryable=True,
+                tenant=current.tenant,
+                mode=current.mode,
+            )
+            self._failed_attempt(current, waiting, permanent=False)
+            return False
+        account = None if tenant.direct else tenant.stripe_account_id
         try:
-            if tenant is None or not tenant.connected or current.mode not in tenant.modes:
-                # Kept, not failed: the entry goes out once the tenant is connected again.
-                raise StripeAPIError(
-                    f"tenant {current.tenant!r} is not connected in {current.mode.value} mode",
-                    retryable=True,
-                    tenant=current.tenant,
-                    mode=current.mode,
-                )
-            account = None if tenant.direct else tenant.stripe_account_id
-            result = operation(current, account)
+            result = self._operations[current.operation](current, account)
         except StripeAPIError as exc:
-            found = self._resolve_repeated_5xx(current, exc, tenant)
+            if current.operation not in _MUTATING or not _repeats_5xx(current, exc):
+                self._failed_attempt(current, exc, permanent=not exc.retryable)
+                return False
+            # Stripe may be replaying a saved 5xx under this key: its state decides.
+            try:
+                found = self._effect_in_stripe(current, account)
+            except StripeAPIError:
+                self._failed_attempt(current, exc, permanent=False)  # cannot tell: keep it
+                return False
             if found is None:
-                self._failed_attempt(current, exc)
+                self._failed_attempt(current, exc, permanent=True)
                 return False
             result = found
         self._succeeded(current, result)
@@ -278,14 +292,11 @@ class Outbox:
         return None
 
     def _post_to_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
-        stripe_id = entry.params["stripe_customer_id"]
-        params = {k: v for k, v in entry.params.items() if k != "stripe_customer_id"}
+        stripe_id, params = _target(entry)
         if self._older_than_keys(entry):
-            current = self._stripe.request(
-                "GET", f"/v1/customers/{stripe_id}", mode=entry.mode, account=account
-            )
-            if _already_applied(current, params):
-                return current
+            applied = self._applied_customer(entry, account)
+            if applied is not None:
+                return applied
         return self._stripe.request(
             "POST",
             f"/v1/customers/{stripe_id}",
@@ -294,6 +305,20 @@ class Outbox:
             params=params,
             idempotency_key=entry.idempotency_key,
         )
+
+    def _applied_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any] | None:
+        """The Stripe customer when it already holds every value the entry sets, else None."""
+        stripe_id, params = _target(entry)
+        current = self._stripe.request(
+            "GET", f"/v1/customers/{stripe_id}", mode=entry.mode, account=account
+        )
+        return current if _already_applied(current, params) else None
+
+    def _effect_in_stripe(self, entry: OutboxEntry, account: str | None) -> dict[str, Any] | None:
+        """What Stripe holds when the entry's effect is there (§4a.8), else None."""
+        if entry.operation == CREATE_CUSTOMER:
+            return self._find_created_customer(entry, account)
+        return self._applied_customer(entry, account)
 
     def _update_customer(self, entry: OutboxEntry, account: str | None) -> dict[str, Any]:
         return self._post_to_customer(entry, account)
@@ -318,21 +343,12 @@ class Outbox:
                 return {"id": stripe_id, "object": "customer", "deleted": True}
             raise
 
-    def _resolve_repeated_5xx(
-        self, entry: OutboxEntry, exc: StripeAPIError, tenant: Tenant | None
-    ) -> dict[str, Any] | None:
-        """After the same 5xx again and again, what Stripe holds decides (§4a.8)."""
-        if tenant is None or entry.operation != CREATE_CUSTOMER or not _repeats_5xx(entry, exc):
-            return None
-        account = None if tenant.direct else tenant.stripe_account_id
-        try:
-            return self._find_created_customer(entry, account)
-        except StripeAPIError:
-            return None
-
     # -- bookkeeping --------------------------------------------------------------------
     def _succeeded(self, entry: OutboxEntry, result: Mapping[str, Any]) -> None:
         with self._storage.transaction() as tx:
+            # The customer is locked first, as by every writer of a customer, so
+            # that concurrent writers queue on it and never deadlock.
+            tx.lock_customer(entry.tenant, entry.customer_id)
             current = tx.get_outbox(entry.id)
             if current is not None and current.state is not OutboxState.PENDING:
                 return  # cancelled (or finished by another worker) meanwhile
@@ -350,11 +366,8 @@ class Outbox:
             if handler is not None:
                 handler(tx, entry, result)
             customer = tx.get_customer(entry.tenant, entry.customer_id)
-            if customer is None:
-                return
-            if entry.operation == CREATE_CUSTOMER and stripe_id is not None:
-                customer = self._attach_created(tx, customer, entry, stripe_id)
-            tx.put_customer(attrs.evolve(customer, sync_state=settled_state(tx, customer)))
+            if customer is not None:
+                tx.put_customer(attrs.evolve(customer, sync_state=settled_state(tx, customer)))
         log.info(
             "outbox %s %s for %s/%s: done",
             entry.id,
@@ -363,31 +376,12 @@ class Outbox:
             entry.customer_id,
         )
 
-    def _attach_created(
-        self, tx: Transaction, customer: Customer, entry: OutboxEntry, stripe_id: str
-    ) -> Customer:
-        if customer.link is not None:
-            return customer
-        holder = tx.customer_by_link(entry.tenant, entry.mode, stripe_id)
-        if holder is not None and holder.id != customer.id:
-            log.error(
-                "Stripe customer %s created for %s is already linked to %s; not linking",
-                stripe_id,
-                customer.id,
-                holder.id,
-            )
-            return customer
-        marker = self._clock().replace(microsecond=0)
-        return attrs.evolve(
-            customer, link=CustomerLink(entry.mode, stripe_id), stripe_marker=marker
-        )
-
-    def _failed_attempt(self, entry: OutboxEntry, exc: StripeAPIError) -> None:
+    def _failed_attempt(self, entry: OutboxEntry, exc: StripeAPIError, *, permanent: bool) -> None:
         now = self._clock()
         attempts = entry.attempts + 1
         message = str(exc)[:1000]
-        permanent = not exc.retryable or _repeats_5xx(entry, exc)
         with self._storage.transaction() as tx:
+            customer = tx.lock_customer(entry.tenant, entry.customer_id)
             current = tx.get_outbox(entry.id)
             if current is not None and current.state is not OutboxState.PENDING:
                 return
@@ -403,7 +397,6 @@ class Outbox:
                     next_attempt_at=now + _backoff(attempts),
                 )
             tx.put_outbox(updated)
-            customer = tx.get_customer(entry.tenant, entry.customer_id)
             if customer is not None:
                 state = SyncState.FAILED if permanent else SyncState.PENDING
                 tx.put_customer(attrs.evolve(customer, sync_state=state))
@@ -425,6 +418,12 @@ def _repeats_5xx(entry: OutboxEntry, exc: StripeAPIError) -> bool:
         and entry.attempts + 1 >= _SAME_5XX_LIMIT
         and _same_failure(entry.last_error, exc)
     )
+
+
+def _target(entry: OutboxEntry) -> tuple[str, dict[str, Any]]:
+    """The Stripe customer an entry writes to, and the parameters it sends."""
+    params = {k: v for k, v in entry.params.items() if k != "stripe_customer_id"}
+    return str(entry.params["stripe_customer_id"]), params
 
 
 def _same_failure(last_error: str | None, exc: StripeAPIError) -> bool:

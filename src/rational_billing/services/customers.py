@@ -65,6 +65,8 @@ log = logging.getLogger("rational_billing.customers")
 
 #: Metadata keys the library writes on Stripe customers; never copied back.
 _OWN_KEYS = frozenset({"rational_customer_id", "rational_tenant"})
+#: The customer fields synced in both directions.
+_SYNCED_FIELDS = frozenset({"email", "name", "metadata"})
 _PAGE = 100
 _CLEAR_TAG: Final[Mapping[str, str]] = {"rational_customer_id": "", "rational_tenant": ""}
 
@@ -118,6 +120,7 @@ class CustomerService:
         self._stripe = stripe
         self._invitations = invitations
         self._access_for_link = access_for_link
+        outbox.on_result(CREATE_CUSTOMER, self._apply_created)
         outbox.on_result(REFRESH_CUSTOMER, self._apply_refresh)
 
     # -- local ---------------------------------------------------------------------
@@ -185,12 +188,23 @@ class CustomerService:
     def delete(self, tenant: str, customer_id: str) -> None:
         """Delete the local customer. Stripe is not touched.
 
+        A ``create_in_stripe`` still queued for it is cancelled, so no Stripe
+        customer is made (and invited) for a customer that no longer exists.
+
         Raises:
+            TenantNotFound: unknown tenant.
             CustomerNotFound: no such customer in that tenant.
         """
         with self._storage.transaction() as tx:
-            if not tx.delete_customer(tenant, customer_id):
-                raise CustomerNotFound(tenant, customer_id)
+            _require_customer(tx, tenant, customer_id, lock=True)
+            cancel_pending(
+                tx,
+                tenant,
+                customer_id,
+                operations=(CREATE_CUSTOMER, REFRESH_CUSTOMER),
+                reason="the local customer was deleted",
+            )
+            tx.delete_customer(tenant, customer_id)
 
     def update(
         self,
@@ -221,7 +235,7 @@ class CustomerService:
         meta_patch = None if metadata is UNSET else check_metadata(metadata, allow_none_values=True)
         now = self._clock()
         with self._storage.transaction() as tx:
-            customer = _require_customer(tx, tenant, customer_id)
+            customer = _require_customer(tx, tenant, customer_id, lock=True)
             require_tenant(tx, tenant)
             new_meta = dict(customer.metadata)
             for key, value in (meta_patch or {}).items():
@@ -264,7 +278,7 @@ class CustomerService:
         wanted = check_mode(mode)
         with self._storage.transaction() as tx:
             self._require_billing_tenant(tx, tenant, wanted)
-            customer = _require_customer(tx, tenant, customer_id)
+            customer = _require_customer(tx, tenant, customer_id, lock=True)
             if customer.link is not None:
                 if customer.link.mode is wanted:
                     return customer
@@ -328,7 +342,7 @@ class CustomerService:
         remote = self._retrieve(record, wanted, stripe_customer_id)
         with self._storage.transaction() as tx:
             self._require_billing_tenant(tx, tenant, wanted)
-            customer = _require_customer(tx, tenant, customer_id)
+            customer = _require_customer(tx, tenant, customer_id, lock=True)
             if customer.link == target:
                 return customer
             self._check_linkable(tx, customer, target, confirm_remap)
@@ -367,7 +381,7 @@ class CustomerService:
         check_local_id(customer_id, "customer id")
         with self._storage.transaction() as tx:
             require_tenant(tx, tenant)
-            customer = _require_customer(tx, tenant, customer_id)
+            customer = _require_customer(tx, tenant, customer_id, lock=True)
             if customer.link is None:
                 raise NotLinked(tenant, customer_id)
             self._require_billing_tenant(tx, tenant, customer.link.mode)
@@ -391,11 +405,18 @@ class CustomerService:
         changes still waiting to be pushed, which are older. An event that only
         echoes our own push changes nothing, so there is no ping-pong; one from
         the same second that changes something is revalidated from Stripe.
+
+        An event whose ``previous_attributes`` name none of email, name and
+        metadata (a new card, a balance change) is no change to them: it
+        neither cancels nor overwrites a local change still queued.
         """
         stripe_id = _customer_id(ctx.object)
         if stripe_id is None:
             return HandlerResult(EventOutcome.IGNORED, "customer object has no id")
-        customer = ctx.tx.customer_by_link(ctx.tenant.id, ctx.mode, stripe_id)
+        previous = ctx.event.get("data", {}).get("previous_attributes")
+        if isinstance(previous, Mapping) and not _SYNCED_FIELDS.intersection(previous):
+            return HandlerResult(EventOutcome.APPLIED, "no change to email, name or metadata")
+        customer = _locked_by_link(ctx, stripe_id)
         if customer is None:
             return HandlerResult(
                 EventOutcome.IGNORED, f"no local customer is linked to {stripe_id}"
@@ -429,7 +450,7 @@ class CustomerService:
         stripe_id = _customer_id(ctx.object)
         if stripe_id is None:
             return HandlerResult(EventOutcome.IGNORED, "customer object has no id")
-        customer = ctx.tx.customer_by_link(ctx.tenant.id, ctx.mode, stripe_id)
+        customer = _locked_by_link(ctx, stripe_id)
         if customer is None:
             return HandlerResult(
                 EventOutcome.IGNORED, f"no local customer is linked to {stripe_id}"
@@ -513,8 +534,8 @@ class CustomerService:
             access_before=before,
             access_after=after,
         )
-        lost = ", ".join(impact["lost"]) or "nothing"  # type: ignore[arg-type]
-        gained = ", ".join(impact["gained"]) or "nothing"  # type: ignore[arg-type]
+        lost = ", ".join(sorted(before - after)) or "nothing"
+        gained = ", ".join(sorted(after - before)) or "nothing"
         return RemapConfirmationRequired(
             f"{what} customer {customer.id!r} of tenant {customer.tenant!r} changes its access "
             f"(loses {lost}; gains {gained}): pass confirm_remap=True",
@@ -573,17 +594,50 @@ class CustomerService:
         ctx.tx.put_outbox(self._entry(customer, customer.link.mode, REFRESH_CUSTOMER, params))
         ctx.tx.put_customer(attrs.evolve(customer, sync_state=SyncState.PENDING))
         tenant, customer_id = customer.tenant, customer.id
-        ctx.after_commit(lambda: self._push_quietly(tenant, customer_id))
 
-    def _push_quietly(self, tenant: str, customer_id: str) -> None:
-        # After a webhook's commit: a failure stays queued for push_pending().
-        self._outbox.push_customer(tenant, customer_id)
+        def push() -> None:  # after the commit; a failure stays queued for push_pending()
+            self._outbox.push_customer(tenant, customer_id)
+
+        ctx.after_commit(push)
+
+    def _apply_created(
+        self, tx: Transaction, entry: OutboxEntry, result: Mapping[str, Any]
+    ) -> None:
+        """A ``customer.create`` answer: link the customer, then queue what changed meanwhile.
+
+        An ``update`` made while the create waited in the outbox changed only
+        local data (there was no link yet); the difference between the local
+        customer and the frozen request that was sent is queued as an update
+        right behind it.
+        """
+        stripe_id = result.get("id")
+        customer = tx.lock_customer(entry.tenant, entry.customer_id)
+        if customer is None or customer.link is not None or not isinstance(stripe_id, str):
+            return
+        holder = tx.customer_by_link(entry.tenant, entry.mode, stripe_id)
+        if holder is not None and holder.id != customer.id:
+            log.error(
+                "Stripe customer %s created for %s/%s is already linked to %s; not linking",
+                stripe_id,
+                customer.tenant,
+                customer.id,
+                holder.id,
+            )
+            return
+        linked = attrs.evolve(
+            customer, link=CustomerLink(entry.mode, stripe_id), stripe_marker=_floor(self._clock())
+        )
+        params = _catch_up_params(linked, entry.params)
+        if params:
+            params["stripe_customer_id"] = stripe_id
+            tx.put_outbox(self._entry(linked, entry.mode, UPDATE_CUSTOMER, params))
+        tx.put_customer(linked)
 
     def _apply_refresh(
         self, tx: Transaction, entry: OutboxEntry, result: Mapping[str, Any]
     ) -> None:
         """A ``customer.refresh`` answer: Stripe's current state, stamped with the fetch time."""
-        customer = tx.get_customer(entry.tenant, entry.customer_id)
+        customer = tx.lock_customer(entry.tenant, entry.customer_id)
         stripe_id = entry.params.get("stripe_customer_id")
         if customer is None or customer.link != CustomerLink(entry.mode, str(stripe_id)):
             return  # relinked or unlinked meanwhile: the answer is about someone else
@@ -628,7 +682,7 @@ class CustomerService:
                 f"{stripe_id} names customer {named!r} of tenant {named_tenant!r}, "
                 f"but arrived for tenant {tenant!r}"
             )
-        candidate = ctx.tx.get_customer(tenant, named)
+        candidate = ctx.tx.lock_customer(tenant, named)
         if candidate is None:
             return None
         if candidate.link is not None:
@@ -751,13 +805,41 @@ def _check_name(name: object) -> str | None:
     return name
 
 
-def _require_customer(tx: Transaction, tenant: str, customer_id: str) -> Customer:
-    customer = tx.get_customer(tenant, customer_id)
+def _require_customer(
+    tx: Transaction, tenant: str, customer_id: str, *, lock: bool = False
+) -> Customer:
+    """The customer (locked until the transaction ends with ``lock``), or the right error."""
+    if lock:
+        customer = tx.lock_customer(tenant, customer_id)
+    else:
+        customer = tx.get_customer(tenant, customer_id)
     if customer is None:
         if tx.get_tenant(tenant) is None:
             require_tenant(tx, tenant)
         raise CustomerNotFound(tenant, customer_id)
     return customer
+
+
+def _locked_by_link(ctx: EventContext, stripe_id: str) -> Customer | None:
+    """The customer linked to ``stripe_id`` in the event's tenant and mode, locked; or None."""
+    target = CustomerLink(ctx.mode, stripe_id)
+    for _ in range(3):  # the link may move between the lookup and the lock
+        found = ctx.tx.customer_by_link(ctx.tenant.id, ctx.mode, stripe_id)
+        if found is None:
+            return None
+        customer = ctx.tx.lock_customer(found.tenant, found.id)
+        if customer is not None and customer.link == target:
+            return customer
+    return None
+
+
+def _catch_up_params(customer: Customer, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The update that makes a Stripe customer shaped like ``obj`` hold ``customer``'s fields."""
+    differing = _incoming_changes(customer, obj)
+    remote = _visible_metadata(obj.get("metadata"))
+    meta_patch: dict[str, str | None] = {k: None for k in remote if k not in customer.metadata}
+    meta_patch.update({k: v for k, v in customer.metadata.items() if remote.get(k) != v})
+    return _stripe_update_params({k: getattr(customer, k) for k in differing}, meta_patch)
 
 
 def _stripe_update_params(

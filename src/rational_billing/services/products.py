@@ -213,8 +213,6 @@ class ProductService:
         """
         wanted = check_mode(mode)
         with self._storage.transaction() as tx:
-            if tx.get_tenant(tenant) is None:
-                require_tenant(tx, tenant)
             product = _require_product(tx, tenant, product_id)
             if product.stripe_product_id(wanted) is None:
                 return product

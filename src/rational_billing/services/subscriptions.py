@@ -22,11 +22,12 @@ under that Stripe customer, and the product mapping. No Stripe call, no scan.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, NoReturn, TypeAlias, TypeVar
 
 import attrs
 
@@ -91,6 +92,8 @@ _KINDS: Final[Mapping[str, type[Any]]] = {
     "refund": Refund,
 }
 _PAGE = 100
+#: Invoice statuses before finalisation: a subscription's next-period draft, or a deleted one.
+_NOT_FINALIZED: Final = frozenset({"draft", "deleted"})
 
 #: Subscription id → a lost dispute, an open dispute, a fully refunded invoice.
 _Marks: TypeAlias = tuple[dict[str, str], dict[str, str], dict[str, str]]
@@ -108,7 +111,9 @@ class MirrorOutcome:
     ``result`` is None for objects that only add references (a charge, an
     InvoicePayment). ``warnings`` say what looked wrong (an unknown status,
     an item without product); ``recheck`` names the disputes and refunds to
-    attach again once the transaction has committed.
+    attach again once the transaction has committed; ``ties`` names the
+    records embedded in the object (a charge's refunds) that were applied in
+    the same second as what was stored, to revalidate like the object itself.
     """
 
     kind: str
@@ -116,6 +121,7 @@ class MirrorOutcome:
     result: MirrorResult | None
     warnings: tuple[str, ...] = ()
     recheck: frozenset[tuple[str, str]] = frozenset()
+    ties: frozenset[tuple[str, str]] = frozenset()
 
 
 @attrs.frozen
@@ -130,7 +136,7 @@ class RefundState:
     @property
     def full(self) -> bool:
         """True when the refunds give back everything paid on the invoice."""
-        return self.amount_paid > 0 and self.refunded >= self.amount_paid
+        return is_full_refund(self.refunded, self.amount_paid)
 
     @property
     def partial(self) -> bool:
@@ -173,18 +179,19 @@ class SubscriptionTracker:
             CustomerNotFound: no such customer.
             ProductNotFound: no such product.
         """
-        now = self._clock()
         with self._storage.transaction() as tx:
-            tenant_obj = _require_tenant(tx, tenant)
-            customer = _require_customer(tx, tenant, customer_id)
-            product = _require_product(tx, tenant, product_id)
+            tenant_obj = tx.get_tenant(tenant)
+            customer = tx.get_customer(tenant, customer_id)
+            product = tx.get_product(tenant, product_id)
+            if tenant_obj is None or customer is None or product is None:
+                _raise_missing(tx, tenant, customer_id, product_id)
             link = customer.link
             if link is None or not _serves(tenant_obj, link.mode):
                 return False
             stripe_product = product.stripe_product_id(link.mode)
             if stripe_product is None:
                 return False
-            return self._grants(tx, tenant, link, stripe_product, now)
+            return self._grants(tx, tenant, link, stripe_product)
 
     def access(self, tenant: str, customer_id: str) -> AccessSummary:
         """Every product of the tenant: granted (by which subscription) or denied (why).
@@ -387,12 +394,13 @@ class SubscriptionTracker:
         )
 
     def _grants(
-        self, tx: Transaction, tenant: str, link: CustomerLink, stripe_product: str, now: datetime
+        self, tx: Transaction, tenant: str, link: CustomerLink, stripe_product: str
     ) -> bool:
         """True when a subscription under ``link`` carries ``stripe_product`` and is granted.
 
         The hot path of `has_access`: disputes, refunds and invoices are read
-        only for a subscription whose status could grant.
+        only for a subscription whose status could grant, and the clock only
+        when the policy has to be applied in full (a grace period, a mark).
         """
         policy = self._policy
         granting = policy.granting_statuses
@@ -417,7 +425,7 @@ class SubscriptionTracker:
                 and sid not in refunded
             ):
                 return True  # what judge() says when nothing revokes or suspends
-            if judge(policy, self._facts(tx, sub, marks), now).granted:
+            if judge(policy, self._facts(tx, sub, marks), self._clock()).granted:
                 return True
         return False
 
@@ -648,12 +656,16 @@ class SubscriptionTracker:
         self, tx: Transaction, tenant: str, mode: Mode, obj: Mapping[str, Any], marker: datetime
     ) -> MirrorOutcome:
         n = normalize_charge(obj, tenant=tenant, mode=mode, marker=marker)
-        warnings = list(n.warnings)
         recheck = self._add_references(tx, n.references)
+        ties: set[tuple[str, str]] = set()
         for refund in n.record.refunds:
             outcome = self._mirror_payment_record(tx, refund, (), (), "refund")
             recheck |= outcome.recheck
-        return MirrorOutcome("charge", n.record.stripe_id, None, tuple(warnings), recheck)
+            if outcome.result is MirrorResult.TIE:
+                ties.add(("refund", refund.stripe_id))
+        return MirrorOutcome(
+            "charge", n.record.stripe_id, None, n.warnings, recheck, frozenset(ties)
+        )
 
     def _mirror_payment_record(
         self,
@@ -812,9 +824,13 @@ class SubscriptionTracker:
                 EventOutcome.STALE,
                 f"{outcome.kind} {outcome.stripe_id}: a newer state is already stored",
             )
+        ties = set(outcome.ties)
         if outcome.result is MirrorResult.TIE:
-            kind, stripe_id = outcome.kind, outcome.stripe_id
-            ctx.after_commit(lambda: self._revalidate_quietly(tenant, mode, kind, stripe_id))
+            ties.add((outcome.kind, outcome.stripe_id))
+        for kind, stripe_id in sorted(ties):
+            ctx.after_commit(
+                functools.partial(self._revalidate_quietly, tenant, mode, kind, stripe_id)
+            )
             notes.append(f"same-second update of {kind} {stripe_id}: revalidating")
         notes += self._notes(ctx, outcome)
         return HandlerResult(EventOutcome.APPLIED, "; ".join(notes)) if notes else None
@@ -884,6 +900,13 @@ def _require_product(tx: Transaction, tenant: str, product_id: str) -> Product:
     if found is None:
         raise ProductNotFound(tenant, product_id)
     return found
+
+
+def _raise_missing(tx: Transaction, tenant: str, customer_id: str, product_id: str) -> NoReturn:
+    """Raise the error for the first of the tenant, customer and product that is missing."""
+    _require_tenant(tx, tenant)
+    _require_customer(tx, tenant, customer_id)
+    raise ProductNotFound(tenant, product_id)
 
 
 def _all_products(tx: Transaction, tenant: str) -> list[Product]:
@@ -977,21 +1000,30 @@ def _refund_marks(tx: Transaction, tenant: str, mode: Mode, customer: str) -> di
         invoice = tx.get_mirror(Invoice, tenant, mode, invoice_id)
         if invoice is None or invoice.subscription_id is None:
             continue
-        if is_full_refund(refunded_amount(by_invoice[invoice_id]), invoice):
+        if is_full_refund(refunded_amount(by_invoice[invoice_id]), invoice.amount_paid):
             marks.setdefault(invoice.subscription_id, invoice_id)
     return marks
 
 
 def _latest_unpaid_invoice(tx: Transaction, sub: Subscription) -> Invoice | None:
-    """The subscription's latest unpaid invoice: its ``latest_invoice`` when unpaid, else a search.
+    """The subscription's latest unpaid invoice, when it is mirrored (§4a.9).
 
-    The search reads the customer's invoices (an indexed lookup) and runs
-    only for past_due subscriptions.
+    That is its ``latest_invoice`` when unpaid. When that invoice is not
+    mirrored yet, neither is its failed payment: None, so the grace counts
+    from the change to past_due. An older unpaid invoice (say, one marked
+    uncollectible months ago) never stands in for it. Only when the latest
+    invoice is the next period's draft, or the subscription names none (old
+    API versions), are the customer's invoices searched: an indexed lookup,
+    and only for past_due subscriptions.
     """
     if sub.latest_invoice_id is not None:
         latest = tx.get_mirror(Invoice, sub.tenant, sub.mode, sub.latest_invoice_id)
-        if latest is not None and latest.status in UNPAID_INVOICE_STATUSES:
+        if latest is None:
+            return None
+        if latest.status in UNPAID_INVOICE_STATUSES:
             return latest
+        if latest.status not in _NOT_FINALIZED:
+            return None  # paid or void: the past_due status is about to change
     unpaid = [
         i
         for i in tx.mirrors_for_customer(Invoice, sub.tenant, sub.mode, sub.stripe_customer_id)

@@ -39,6 +39,7 @@ from ..errors import (
     ConfigError,
     InvalidArgument,
     OAuthStateError,
+    RemapConfirmationRequired,
     StripeAPIError,
     TenantNotConnected,
     TenantNotFound,
@@ -167,20 +168,38 @@ class TenantService:
         stripe_account_id: str,
         *,
         modes: Iterable[Mode] = frozenset({Mode.TEST, Mode.LIVE}),
+        confirm_remap: bool = False,
     ) -> Tenant:
         """Register an account that is already connected to the platform, in ``modes``.
 
-        Events held for that account are applied right after.
+        Events held for that account are applied right after. Registering the
+        connection the tenant already has (say at every start-up) changes
+        nothing, so it keeps its connection time: a deauthorization that
+        Stripe sent after it is still applied, not taken for a stale one.
+
+        Moving a tenant to another account (or off the platform's own account)
+        is guarded like a remap: its linked customers' ``cus_`` ids belong to
+        the old account, so without ``confirm_remap=True`` this raises.
 
         Raises:
             InvalidArgument: a malformed id, no modes, or a mode without keys.
             InvalidArgument: the account is already connected to another tenant.
+            RemapConfirmationRequired: the tenant bills through another account.
         """
         check_local_id(tenant, "tenant id")
         check_stripe_id(stripe_account_id, "acct_", "Stripe account id")
         wanted = _check_modes(modes, self._config)
         with self._storage.transaction() as tx:
-            record = self._record_connection(tx, tenant, stripe_account_id, wanted, merge=False)
+            record = tx.get_tenant(tenant)
+            if (
+                record is None
+                or not record.connected
+                or record.direct
+                or (record.stripe_account_id, record.modes) != (stripe_account_id, wanted)
+            ):
+                record = self._record_connection(
+                    tx, tenant, stripe_account_id, wanted, merge=False, confirm_remap=confirm_remap
+                )
         self._connected(stripe_account_id)
         return record
 
@@ -286,7 +305,7 @@ class TenantService:
         )
         return f"{self._connect_host()}/oauth/authorize?{query}"
 
-    def complete_oauth(self, code: str, state: str) -> Tenant:
+    def complete_oauth(self, code: str, state: str, *, confirm_remap: bool = False) -> Tenant:
         """Exchange the OAuth ``code`` and connect the tenant that ``state`` was issued for.
 
         The ``state`` is consumed first, so it completes at most one connection,
@@ -299,6 +318,10 @@ class TenantService:
             InvalidArgument: a malformed ``code``, or the account is already
                 connected to another tenant.
             StripeAPIError: Stripe refused the code (``code`` 'invalid_grant').
+            RemapConfirmationRequired: the tenant already bills through another
+                account. Stripe has connected the new one; its id is in
+                ``impact["to_account"]``, and `connect` with ``confirm_remap=True``
+                finishes the move.
         """
         if not isinstance(code, str) or not _OAUTH_CODE.match(code):
             raise InvalidArgument("malformed OAuth code: expected the ac_... value Stripe sent")
@@ -328,7 +351,9 @@ class TenantService:
         modes = _modes_of(Mode.LIVE if live else Mode.TEST)
         with self._storage.transaction() as tx:
             self._refuse_direct(tx, pending.tenant)
-            record = self._record_connection(tx, pending.tenant, account, modes, merge=True)
+            record = self._record_connection(
+                tx, pending.tenant, account, modes, merge=True, confirm_remap=confirm_remap
+            )
         log.info(
             "tenant %s connected %s through OAuth (%s)",
             record.id,
@@ -568,11 +593,29 @@ class TenantService:
         modes: frozenset[Mode],
         *,
         merge: bool,
+        confirm_remap: bool = False,
     ) -> Tenant:
         holder = tx.tenant_by_account(account)
         if holder is not None and holder.id != tenant:
             raise InvalidArgument(f"account {account} is already connected to tenant {holder.id!r}")
         existing = tx.get_tenant(tenant)
+        moving = existing is not None and (
+            existing.direct or existing.stripe_account_id not in (None, account)
+        )
+        if moving and not confirm_remap:
+            assert existing is not None
+            old = "the platform's own account" if existing.direct else existing.stripe_account_id
+            raise RemapConfirmationRequired(
+                f"tenant {tenant!r} bills through {old}; moving it to {account} sends every "
+                "call for its linked customers there, where their cus_ ids do not exist. "
+                "Relink them, or pass confirm_remap=True to accept that",
+                impact={
+                    "tenant": tenant,
+                    "from_account": existing.stripe_account_id,
+                    "from_direct": existing.direct,
+                    "to_account": account,
+                },
+            )
         if (
             merge
             and existing is not None

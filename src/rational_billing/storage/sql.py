@@ -451,6 +451,7 @@ class _Queries:
         self.put_tenant = upsert(t, "id")
 
         self.customer = sa.select(c.c.data).where(c.c.tenant == _p("tenant"), c.c.id == _p("id"))
+        self.lock_customer = self.customer.with_for_update()
         link = (
             c.c.tenant == _p("tenant"),
             c.c.link_mode == _p("mode"),
@@ -861,6 +862,10 @@ class _SQLTransaction:
     # -- customers -----------------------------------------------------------
     def get_customer(self, tenant: str, customer_id: str) -> Customer | None:
         return self._one(Customer, self._q.customer, {"k_tenant": tenant, "k_id": customer_id})
+
+    def lock_customer(self, tenant: str, customer_id: str) -> Customer | None:
+        params = {"k_tenant": tenant, "k_id": customer_id}
+        return self._one(Customer, self._q.lock_customer, params)
 
     def customer_by_link(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Customer | None:
         params = {"k_tenant": tenant, "k_mode": mode.value, "k_stripe_id": stripe_customer_id}

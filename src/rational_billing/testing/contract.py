@@ -27,6 +27,7 @@ nothing else in ``rational_billing`` imports it (DESIGN.md §4a.16).
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1545,6 +1546,37 @@ class StorageContract:
 
         results = self._race(claim)
         assert sorted(results) == [False] * (self.threads - 1) + [True]
+
+    # -- customer row locks (issue 3 review) -------------------------------------
+    def test_lock_customer_returns_the_stored_customer(self, storage: Storage) -> None:
+        """lock_customer returns the customer as get_customer does, or None when there is none."""
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1", link=(TEST, "cus_L")))
+        with storage.transaction() as tx:
+            assert tx.lock_customer("t1", "c1") == _customer("c1", link=(TEST, "cus_L"))
+            assert tx.lock_customer("t1", "c_unknown") is None
+            assert tx.lock_customer("t2", "c1") is None
+
+    def test_concurrent_read_modify_write_under_lock_customer_loses_nothing(
+        self, storage: Storage
+    ) -> None:
+        """N threads each locking a customer and adding one to a counter: the count ends at N."""
+        with storage.transaction() as tx:
+            tx.put_customer(attrs_evolve(_customer("c_count"), metadata={"n": "0"}))
+
+        def increment(_: int) -> None:
+            with storage.transaction() as tx:
+                customer = tx.lock_customer("t1", "c_count")
+                assert customer is not None
+                count = int(customer.metadata["n"]) + 1
+                time.sleep(0.01)  # widen the window a lost update needs
+                tx.put_customer(attrs_evolve(customer, metadata={"n": str(count)}))
+
+        self._race(increment)
+        with storage.transaction() as tx:
+            final = tx.get_customer("t1", "c_count")
+        assert final is not None
+        assert final.metadata["n"] == str(self.threads)
 
 
 def _pending(key: str) -> PendingConnection:
