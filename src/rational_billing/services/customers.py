@@ -34,7 +34,6 @@ from .._config import BillingConfig, Mode
 from ..domain.models import Customer, CustomerLink, EventOutcome, OutboxEntry, SyncState, Tenant
 from ..errors import (
     AlreadyLinked,
-    CustomerNotFound,
     InvalidArgument,
     NotLinked,
     RemapConfirmationRequired,
@@ -44,6 +43,7 @@ from ..errors import (
 )
 from ..ports import Clock, Storage, StripeAPI, Transaction
 from ._impact import AccessForLink, current_access, describe_impact
+from ._lookup import find_customer
 from ._outbox import (
     CREATE_CUSTOMER,
     REFRESH_CUSTOMER,
@@ -163,7 +163,7 @@ class CustomerService:
             CustomerNotFound: no such customer in that tenant.
         """
         with self._storage.transaction() as tx:
-            return _require_customer(tx, tenant, customer_id)
+            return find_customer(tx, tenant, customer_id)
 
     def list(self, tenant: str, *, page_size: int = _PAGE) -> Iterator[Customer]:
         """Every customer of the tenant, ordered by id, fetched lazily page by page.
@@ -196,7 +196,7 @@ class CustomerService:
             CustomerNotFound: no such customer in that tenant.
         """
         with self._storage.transaction() as tx:
-            _require_customer(tx, tenant, customer_id, lock=True)
+            find_customer(tx, tenant, customer_id, lock=True)
             cancel_pending(
                 tx,
                 tenant,
@@ -235,7 +235,7 @@ class CustomerService:
         meta_patch = None if metadata is UNSET else check_metadata(metadata, allow_none_values=True)
         now = self._clock()
         with self._storage.transaction() as tx:
-            customer = _require_customer(tx, tenant, customer_id, lock=True)
+            customer = find_customer(tx, tenant, customer_id, lock=True)
             require_tenant(tx, tenant)
             new_meta = dict(customer.metadata)
             for key, value in (meta_patch or {}).items():
@@ -278,7 +278,7 @@ class CustomerService:
         wanted = check_mode(mode)
         with self._storage.transaction() as tx:
             self._require_billing_tenant(tx, tenant, wanted)
-            customer = _require_customer(tx, tenant, customer_id, lock=True)
+            customer = find_customer(tx, tenant, customer_id, lock=True)
             if customer.link is not None:
                 if customer.link.mode is wanted:
                     return customer
@@ -335,14 +335,14 @@ class CustomerService:
         target = CustomerLink(wanted, stripe_customer_id)
         with self._storage.transaction() as tx:
             record = self._require_billing_tenant(tx, tenant, wanted)
-            customer = _require_customer(tx, tenant, customer_id)
+            customer = find_customer(tx, tenant, customer_id)
             if customer.link == target:
                 return customer
             self._check_linkable(tx, customer, target, confirm_remap)
         remote = self._retrieve(record, wanted, stripe_customer_id)
         with self._storage.transaction() as tx:
             self._require_billing_tenant(tx, tenant, wanted)
-            customer = _require_customer(tx, tenant, customer_id, lock=True)
+            customer = find_customer(tx, tenant, customer_id, lock=True)
             if customer.link == target:
                 return customer
             self._check_linkable(tx, customer, target, confirm_remap)
@@ -381,7 +381,7 @@ class CustomerService:
         check_local_id(customer_id, "customer id")
         with self._storage.transaction() as tx:
             require_tenant(tx, tenant)
-            customer = _require_customer(tx, tenant, customer_id, lock=True)
+            customer = find_customer(tx, tenant, customer_id, lock=True)
             if customer.link is None:
                 raise NotLinked(tenant, customer_id)
             self._require_billing_tenant(tx, tenant, customer.link.mode)
@@ -803,21 +803,6 @@ def _check_name(name: object) -> str | None:
     if not isinstance(name, str) or len(name) > 256:
         raise InvalidArgument("name must be a string of at most 256 characters")
     return name
-
-
-def _require_customer(
-    tx: Transaction, tenant: str, customer_id: str, *, lock: bool = False
-) -> Customer:
-    """The customer (locked until the transaction ends with ``lock``), or the right error."""
-    if lock:
-        customer = tx.lock_customer(tenant, customer_id)
-    else:
-        customer = tx.get_customer(tenant, customer_id)
-    if customer is None:
-        if tx.get_tenant(tenant) is None:
-            require_tenant(tx, tenant)
-        raise CustomerNotFound(tenant, customer_id)
-    return customer
 
 
 def _locked_by_link(ctx: EventContext, stripe_id: str) -> Customer | None:

@@ -28,13 +28,13 @@ from ..domain.models import EventOutcome, Product, StripePrice, StripeProduct
 from ..domain.normalize import normalize_price, normalize_product
 from ..errors import (
     InvalidArgument,
-    ProductNotFound,
     RemapConfirmationRequired,
     StripeAPIError,
     StripeObjectError,
     StripeProductNotFound,
 )
 from ..ports import Clock, Storage, StripeAPI, Transaction
+from ._lookup import find_product
 from ._validate import check_local_id, check_mode, check_stripe_id
 from .subscriptions import SubscriptionTracker, floor_to_second
 from .tenants import require_tenant
@@ -112,7 +112,7 @@ class ProductService:
             ProductNotFound: no such product in that tenant.
         """
         with self._storage.transaction() as tx:
-            return _require_product(tx, tenant, product_id)
+            return find_product(tx, tenant, product_id)
 
     def list(self, tenant: str, *, page_size: int = _PAGE) -> Iterator[Product]:
         """Every product of the tenant, ordered by id, fetched lazily page by page."""
@@ -177,7 +177,7 @@ class ProductService:
         check_stripe_id(stripe_product_id, "", "Stripe product id")
         with self._storage.transaction() as tx:
             tenant_obj = require_tenant(tx, tenant, wanted)
-            product = _require_product(tx, tenant, product_id)
+            product = find_product(tx, tenant, product_id)
             if product.stripe_product_id(wanted) == stripe_product_id:
                 return product
             self._guard(tx, product, wanted, stripe_product_id, confirm_remap)
@@ -185,7 +185,7 @@ class ProductService:
         stripe = self._fetch(tenant, account, wanted, stripe_product_id)
         with self._storage.transaction() as tx:
             require_tenant(tx, tenant, wanted)
-            product = _require_product(tx, tenant, product_id)
+            product = find_product(tx, tenant, product_id)
             if product.stripe_product_id(wanted) == stripe_product_id:
                 return product
             self._guard(tx, product, wanted, stripe_product_id, confirm_remap)
@@ -213,7 +213,7 @@ class ProductService:
         """
         wanted = check_mode(mode)
         with self._storage.transaction() as tx:
-            product = _require_product(tx, tenant, product_id)
+            product = find_product(tx, tenant, product_id)
             if product.stripe_product_id(wanted) is None:
                 return product
             self._guard(tx, product, wanted, None, confirm_remap)
@@ -403,15 +403,6 @@ class ProductService:
 
 def _count(customers: object) -> int:
     return len(customers) if isinstance(customers, tuple) else 0
-
-
-def _require_product(tx: Transaction, tenant: str, product_id: str) -> Product:
-    product = tx.get_product(tenant, product_id)
-    if product is None:
-        if tx.get_tenant(tenant) is None:
-            require_tenant(tx, tenant)
-        raise ProductNotFound(tenant, product_id)
-    return product
 
 
 def _with_mapping(

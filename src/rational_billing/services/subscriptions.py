@@ -68,8 +68,9 @@ from ..domain.normalize import (
     normalize_refund,
     normalize_subscription,
 )
-from ..errors import CustomerNotFound, ProductNotFound, StripeObjectError, TenantNotFound
+from ..errors import StripeObjectError
 from ..ports import Clock, Storage, StripeAPI, Transaction
+from ._lookup import find_customer, find_product, known_tenant
 from .webhooks import EventContext, HandlerResult
 
 __all__ = ["MirrorOutcome", "RefundState", "SubscriptionTracker", "floor_to_second"]
@@ -202,8 +203,8 @@ class SubscriptionTracker:
         """
         now = self._clock()
         with self._storage.transaction() as tx:
-            tenant_obj = _require_tenant(tx, tenant)
-            customer = _require_customer(tx, tenant, customer_id)
+            tenant_obj = known_tenant(tx, tenant)
+            customer = find_customer(tx, tenant, customer_id)
             products = _all_products(tx, tenant)
             return self._summary(tx, tenant_obj, customer, products, now)
 
@@ -219,8 +220,8 @@ class SubscriptionTracker:
         """
         now = self._clock()
         with self._storage.transaction() as tx:
-            tenant_obj = _require_tenant(tx, tenant)
-            product = _require_product(tx, tenant, product_id)
+            tenant_obj = known_tenant(tx, tenant)
+            product = find_product(tx, tenant, product_id)
             found: set[str] = set()
             for mode in sorted(tenant_obj.modes, key=lambda m: m.value):
                 stripe_product = product.stripe_product_id(mode)
@@ -881,32 +882,11 @@ def _serves(tenant: Tenant, mode: Mode) -> bool:
     return tenant.connected and mode in tenant.modes
 
 
-def _require_tenant(tx: Transaction, tenant: str) -> Tenant:
-    found = tx.get_tenant(tenant)
-    if found is None:
-        raise TenantNotFound(f"unknown tenant {tenant!r}", tenant=tenant)
-    return found
-
-
-def _require_customer(tx: Transaction, tenant: str, customer_id: str) -> Customer:
-    found = tx.get_customer(tenant, customer_id)
-    if found is None:
-        raise CustomerNotFound(tenant, customer_id)
-    return found
-
-
-def _require_product(tx: Transaction, tenant: str, product_id: str) -> Product:
-    found = tx.get_product(tenant, product_id)
-    if found is None:
-        raise ProductNotFound(tenant, product_id)
-    return found
-
-
 def _raise_missing(tx: Transaction, tenant: str, customer_id: str, product_id: str) -> NoReturn:
     """Raise the error for the first of the tenant, customer and product that is missing."""
-    _require_tenant(tx, tenant)
-    _require_customer(tx, tenant, customer_id)
-    raise ProductNotFound(tenant, product_id)
+    find_customer(tx, tenant, customer_id)
+    find_product(tx, tenant, product_id)
+    raise AssertionError("_raise_missing found everything")  # pragma: no cover
 
 
 def _all_products(tx: Transaction, tenant: str) -> list[Product]:

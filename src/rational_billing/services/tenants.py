@@ -45,6 +45,7 @@ from ..errors import (
     TenantNotFound,
 )
 from ..ports import Clock, Storage, StripeAPI, Transaction
+from ._lookup import known_tenant
 from ._validate import check_local_id, check_mode, check_stripe_id
 from .webhooks import EventContext, HandlerResult
 
@@ -67,9 +68,7 @@ def require_tenant(tx: Transaction, tenant_id: str, mode: Mode | None = None) ->
         TenantNotFound: never registered.
         TenantNotConnected: disconnected, or not connected in ``mode``.
     """
-    tenant = tx.get_tenant(tenant_id)
-    if tenant is None:
-        raise TenantNotFound(f"unknown tenant {tenant_id!r}", tenant=tenant_id, mode=mode)
+    tenant = known_tenant(tx, tenant_id, mode)
     if not tenant.connected:
         raise TenantNotConnected(
             f"tenant {tenant_id!r} is disconnected", tenant=tenant_id, mode=mode
