@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.localstripe",
     "tests.fixtures.webhook_sink",
+    "tests.fixtures.e2e",
 ]
 
 # stripe-python writes a telemetry id under $XDG_CONFIG_HOME/stripe on its first

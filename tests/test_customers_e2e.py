@@ -6,63 +6,41 @@ account). Each test uses unique emails, since the server is shared.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rational_billing import (
     Billing,
-    BillingConfig,
     EventOutcome,
     InvitationSettings,
     InvitationState,
     Mode,
-    ModeKeys,
     SyncState,
 )
-from rational_billing.storage.sql import SQLStorage
 from rational_billing.testing import RecordingMailer
 
 from .fixtures.localstripe import unique_email
 
 pytestmark = pytest.mark.localstripe
 
-SECRET = "whsec_customers_e2e"
 EVENTS = ["customer.created", "customer.updated", "customer.deleted"]
 
 
 @pytest.fixture
-def billing(localstripe: Any, tmp_path: Path) -> Iterator[Billing]:
-    """Billing on a SQLite file, talking to localstripe, with the direct tenant registered."""
-    config = BillingConfig(
-        test=ModeKeys(secret_key="sk_test_customers_e2e", webhook_secrets=(SECRET,)),
-        api_base=localstripe.url,
-    )
-    b = Billing(
-        config=config,
-        storage=SQLStorage(f"sqlite:///{tmp_path / 'billing.db'}"),
-        mailer=RecordingMailer(),
+def billing(make_e2e_billing: Any) -> Billing:
+    """Billing on a SQLite file, talking to localstripe, with invitations and the direct tenant."""
+    return make_e2e_billing(
         invitations=InvitationSettings(
             signup_link=lambda customer: f"https://app.example.com/join/{customer.id}"
-        ),
+        )
     )
-    b.tenants.register_direct("acme", modes=frozenset({Mode.TEST}))
-    yield b
-    b.close()
 
 
 @pytest.fixture
-def wired(billing: Billing, webhook_sink: Any, localstripe_webhook: Any) -> Any:
+def wired(billing: Billing, wire_webhooks: Any) -> Any:
     """localstripe delivers customer.* webhooks over HTTP to billing.webhooks.handle."""
-
-    def handle(body: bytes, headers: Any) -> int:
-        return billing.webhooks.handle(body, headers).status_code
-
-    webhook_sink.handler = handle
-    localstripe_webhook(webhook_sink.url, SECRET, events=EVENTS)
-    return webhook_sink
+    return wire_webhooks(billing, EVENTS)
 
 
 def _mailer(billing: Billing) -> RecordingMailer:

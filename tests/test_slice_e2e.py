@@ -7,54 +7,27 @@ pushed to Stripe, with the echo recognised.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rational_billing import Billing, BillingConfig, EventOutcome, Mode, ModeKeys, SyncState
-from rational_billing.storage.sql import SQLStorage
-from rational_billing.testing import RecordingMailer
+from rational_billing import Billing, EventOutcome, Mode, SyncState
 
 from .fixtures.localstripe import unique_email
 
 pytestmark = pytest.mark.localstripe
 
-SECRET = "whsec_slice_secret"
-
 
 @pytest.fixture
-def billing(localstripe: Any, tmp_path: Path) -> Iterator[Billing]:
+def billing(make_e2e_billing: Any) -> Billing:
     """Billing on a SQLite file, talking to localstripe, with the direct tenant registered."""
-    config = BillingConfig(
-        test=ModeKeys(secret_key="sk_test_slice", webhook_secrets=(SECRET,)),
-        api_base=localstripe.url,
-    )
-    b = Billing(
-        config=config,
-        storage=SQLStorage(f"sqlite:///{tmp_path / 'billing.db'}"),
-        mailer=RecordingMailer(),
-    )
-    b.tenants.register_direct("acme", modes=frozenset({Mode.TEST}))
-    yield b
-    b.close()
+    return make_e2e_billing()
 
 
 @pytest.fixture
-def wired(billing: Billing, webhook_sink: Any, localstripe_webhook: Any) -> Any:
-    """localstripe delivers signed webhooks over HTTP to billing.webhooks.handle."""
-    responses: list[Any] = []
-
-    def handle(body: bytes, headers: Any) -> int:
-        response = billing.webhooks.handle(body, headers)
-        responses.append(response)
-        return response.status_code
-
-    webhook_sink.handler = handle
-    localstripe_webhook(webhook_sink.url, SECRET, events=["customer.updated"])
-    webhook_sink.responses = responses
-    return webhook_sink
+def wired(billing: Billing, wire_webhooks: Any) -> Any:
+    """localstripe delivers signed customer.updated webhooks over HTTP to billing.webhooks.handle."""
+    return wire_webhooks(billing, ["customer.updated"])
 
 
 def test_create_in_stripe_makes_a_linked_stripe_customer(

@@ -8,24 +8,18 @@ over HTTP to ``billing.webhooks.handle`` through the webhook sink.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rational_billing import Billing, BillingConfig, EventOutcome, Mode, ModeKeys
+from rational_billing import Billing, EventOutcome, Mode
 from rational_billing.domain.access import DenialReason
 from rational_billing.domain.models import Invoice, Subscription
-from rational_billing.services.webhooks import WebhookResponse
-from rational_billing.storage.sql import SQLStorage
-from rational_billing.testing import RecordingMailer
 
 from .fixtures.localstripe import unique_email
 
 pytestmark = pytest.mark.localstripe
 
-SECRET = "whsec_subscriptions_e2e"
 EVENTS = [
     "customer.subscription.created",
     "customer.subscription.deleted",
@@ -36,36 +30,15 @@ EVENTS = [
 
 
 @pytest.fixture
-def billing(localstripe: Any, tmp_path: Path) -> Iterator[Billing]:
+def billing(make_e2e_billing: Any) -> Billing:
     """Billing on a SQLite file, talking to localstripe, with the direct tenant ``acme``."""
-    config = BillingConfig(
-        test=ModeKeys(secret_key="sk_test_subscriptions_e2e", webhook_secrets=(SECRET,)),
-        api_base=localstripe.url,
-    )
-    b = Billing(
-        config=config,
-        storage=SQLStorage(f"sqlite:///{tmp_path / 'billing.db'}"),
-        mailer=RecordingMailer(),
-    )
-    b.tenants.register_direct("acme", modes=frozenset({Mode.TEST}))
-    yield b
-    b.close()
+    return make_e2e_billing()
 
 
 @pytest.fixture
-def wired(billing: Billing, webhook_sink: Any, localstripe_webhook: Any) -> Any:
+def wired(billing: Billing, wire_webhooks: Any) -> Any:
     """localstripe delivers signed webhooks over HTTP to billing.webhooks.handle."""
-    responses: list[WebhookResponse] = []
-
-    def handle(body: bytes, headers: Any) -> int:
-        response = billing.webhooks.handle(body, headers)
-        responses.append(response)
-        return response.status_code
-
-    webhook_sink.handler = handle
-    localstripe_webhook(webhook_sink.url, SECRET, events=EVENTS)
-    webhook_sink.responses = responses
-    return webhook_sink
+    return wire_webhooks(billing, EVENTS)
 
 
 @pytest.fixture
