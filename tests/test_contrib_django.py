@@ -15,16 +15,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import attrs
 import pytest
 
 from rational_billing import (
     Billing,
     BillingConfig,
-    Customer,
-    CustomerLink,
     EventOutcome,
-    Mode,
     ModeKeys,
 )
 from rational_billing.errors import ConfigError
@@ -35,6 +31,7 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe, link_directly, stored_event
 
 SECRET = "whsec_django_test"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -51,16 +48,6 @@ def current_billing() -> Billing | None:
     return CURRENT
 
 
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
-
-
 def _billing() -> Billing:
     config = BillingConfig(test=ModeKeys(secret_key="sk_test_abc", webhook_secrets=(SECRET,)))
     billing = Billing(
@@ -68,29 +55,16 @@ def _billing() -> Billing:
         storage=InMemoryStorage(),
         mailer=RecordingMailer(),
         clock=lambda: NOW,
-        stripe=_NoStripe(),
+        stripe=NoStripe(),
     )
     billing.tenants.register_direct("acme")
     return billing
-
-
-def _link(billing: Billing, stripe_id: str = "cus_D1") -> Customer:
-    customer = billing.customers.create("acme", email="old@example.com", name="Old")
-    linked = attrs.evolve(customer, link=CustomerLink(Mode.TEST, stripe_id))
-    with billing.storage.transaction() as tx:
-        tx.put_customer(linked)
-    return linked
 
 
 def _event(email: str = "new@example.com", name: str = "New") -> dict[str, Any]:
     return make_event(
         "customer.updated", build_customer(id="cus_D1", email=email, name=name), created=TS
     )
-
-
-def _stored(billing: Billing, event_id: str) -> Any:
-    with billing.storage.transaction() as tx:
-        return tx.get_event(event_id)
 
 
 def _urlconf(*patterns: Any) -> types.ModuleType:
@@ -169,7 +143,7 @@ def _post(payload: bytes, headers: dict[str, str], *, url: str = URL, **kw: Any)
 
 def test_signed_event_is_applied_and_answered_200(site: Any, billing: Billing) -> None:
     """A signed customer.updated posted with CSRF checks on is applied and answered 200."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     event = _event()
     payload = json.dumps(event).encode()
     response = _post(payload, sign_payload(payload, SECRET, timestamp=TS))
@@ -177,7 +151,7 @@ def test_signed_event_is_applied_and_answered_200(site: Any, billing: Billing) -
     assert json.loads(response.content) == {"status": "applied"}
     assert response["Content-Type"] == "application/json"
     assert billing.customers.get("acme", customer.id).email == "new@example.com"
-    assert _stored(billing, event["id"]).outcome is EventOutcome.APPLIED
+    assert stored_event(billing, event["id"]).outcome is EventOutcome.APPLIED
 
 
 @pytest.mark.parametrize("tamper", ["wrong_secret", "body_byte", "no_header"])
@@ -185,7 +159,7 @@ def test_bad_signature_is_answered_400_and_stores_nothing(
     site: Any, billing: Billing, tamper: str
 ) -> None:
     """A wrong secret, an altered body or a missing header gets 400 and changes nothing."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     event = _event(email="evil@example.com")
     payload = json.dumps(event).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
@@ -198,7 +172,7 @@ def test_bad_signature_is_answered_400_and_stores_nothing(
     response = _post(payload, headers)
     assert response.status_code == 400
     assert json.loads(response.content)["status"] == "rejected"
-    assert _stored(billing, event["id"]) is None
+    assert stored_event(billing, event["id"]) is None
     assert billing.customers.get("acme", customer.id).email == "old@example.com"
 
 
@@ -210,7 +184,7 @@ def test_body_bytes_reach_the_router_untouched(
     site: Any, billing: Billing, content_type: str
 ) -> None:
     """Unusual whitespace and raw UTF-8 verify, whatever the content type claims."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     event = _event(name=UNUSUAL_NAME)
     text = json.dumps(event, ensure_ascii=False, indent="\t").replace("\n", " \r\n ")
     payload = b"\xef\xbb\xbf" + text.encode("utf-8") + b" \n\t"
@@ -234,7 +208,7 @@ def test_other_methods_than_post_get_405(site: Any, method: str) -> None:
 @pytest.mark.parametrize("name", ["stripe-signature", "STRIPE-SIGNATURE", "sTrIpE-sIgNaTuRe"])
 def test_signature_header_name_is_case_insensitive(site: Any, billing: Billing, name: str) -> None:
     """The Stripe-Signature header is found whatever the case of its name."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     payload = json.dumps(_event()).encode()
     signature = sign_payload(payload, SECRET, timestamp=TS)["Stripe-Signature"]
     assert _post(payload, {name: signature}).status_code == 200
@@ -243,7 +217,7 @@ def test_signature_header_name_is_case_insensitive(site: Any, billing: Billing, 
 
 def test_failing_handler_is_answered_500_so_stripe_retries(site: Any, billing: Billing) -> None:
     """A handler that raises makes the view answer 500 and leaves the customer unchanged."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
 
     @billing.webhooks.on("customer.updated")
     def broken(ctx: Any) -> None:
@@ -300,7 +274,7 @@ def test_misconfigured_setting_raises_config_error(
     """A missing or wrong RATIONAL_BILLING raises ConfigError, which Django turns into a 500."""
     from django.test import override_settings
 
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     payload = json.dumps(_event()).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
     with override_settings(RATIONAL_BILLING=value):
@@ -322,7 +296,7 @@ def test_urls_with_an_explicit_billing_need_no_setting(
 
     from rational_billing.contrib.django import urls
 
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_D1")
     urlconf = _urlconf(path("hooks/", include(urls(billing))))
     payload = json.dumps(_event()).encode()
     with override_settings(ROOT_URLCONF=urlconf, RATIONAL_BILLING=None):
@@ -342,7 +316,7 @@ def test_make_view_serves_the_billing_it_was_given(django_configured: None) -> N
     from rational_billing.contrib.django import make_view
 
     first, second = _billing(), _billing()
-    c1, c2 = _link(first), _link(second)
+    c1, c2 = link_directly(first, "cus_D1"), link_directly(second, "cus_D1")
     urlconf = _urlconf(path("one/", make_view(first)), path("two/", make_view(second)))
     payload = json.dumps(_event()).encode()
     with override_settings(ROOT_URLCONF=urlconf):

@@ -8,7 +8,6 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-import attrs
 import pytest
 from flask import Flask, url_for
 from flask.testing import FlaskClient
@@ -16,10 +15,7 @@ from flask.testing import FlaskClient
 from rational_billing import (
     Billing,
     BillingConfig,
-    Customer,
-    CustomerLink,
     EventOutcome,
-    Mode,
     ModeKeys,
 )
 from rational_billing.contrib.flask import blueprint, get_billing, init_app
@@ -31,6 +27,7 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe, link_directly, stored_event
 
 SECRET = "whsec_flask_test"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -40,16 +37,6 @@ TS = int(NOW.timestamp())
 UNUSUAL_NAME = 'Zoë Ünïcødé 🚀 \u2028 \\"quoted\\"'
 
 
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
-
-
 def _billing() -> Billing:
     config = BillingConfig(test=ModeKeys(secret_key="sk_test_abc", webhook_secrets=(SECRET,)))
     billing = Billing(
@@ -57,29 +44,16 @@ def _billing() -> Billing:
         storage=InMemoryStorage(),
         mailer=RecordingMailer(),
         clock=lambda: NOW,
-        stripe=_NoStripe(),
+        stripe=NoStripe(),
     )
     billing.tenants.register_direct("acme")
     return billing
-
-
-def _link(billing: Billing, stripe_id: str = "cus_F1") -> Customer:
-    customer = billing.customers.create("acme", email="old@example.com", name="Old")
-    linked = attrs.evolve(customer, link=CustomerLink(Mode.TEST, stripe_id))
-    with billing.storage.transaction() as tx:
-        tx.put_customer(linked)
-    return linked
 
 
 def _event(email: str = "new@example.com", name: str = "New") -> dict[str, Any]:
     return make_event(
         "customer.updated", build_customer(id="cus_F1", email=email, name=name), created=TS
     )
-
-
-def _stored(billing: Billing, event_id: str) -> Any:
-    with billing.storage.transaction() as tx:
-        return tx.get_event(event_id)
 
 
 @pytest.fixture
@@ -109,7 +83,7 @@ def _post(client: FlaskClient, payload: bytes, headers: dict[str, str], **kw: An
 
 def test_signed_event_is_applied_and_answered_200(client: FlaskClient, billing: Billing) -> None:
     """A signed customer.updated posted to /stripe/webhooks is applied and answered 200."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
     event = _event()
     payload = json.dumps(event).encode()
     response = _post(client, payload, sign_payload(payload, SECRET, timestamp=TS))
@@ -117,14 +91,14 @@ def test_signed_event_is_applied_and_answered_200(client: FlaskClient, billing: 
     assert response.get_json() == {"status": "applied"}
     assert response.mimetype == "application/json"
     assert billing.customers.get("acme", customer.id).email == "new@example.com"
-    assert _stored(billing, event["id"]).outcome is EventOutcome.APPLIED
+    assert stored_event(billing, event["id"]).outcome is EventOutcome.APPLIED
 
 
 def test_duplicate_delivery_is_answered_200_duplicate(
     client: FlaskClient, billing: Billing
 ) -> None:
     """A second delivery of the same event is answered 200 'duplicate'."""
-    _link(billing)
+    link_directly(billing, "cus_F1")
     payload = json.dumps(_event()).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
     assert _post(client, payload, headers).status_code == 200
@@ -137,7 +111,7 @@ def test_bad_signature_is_answered_400_and_stores_nothing(
     client: FlaskClient, billing: Billing, tamper: str
 ) -> None:
     """A wrong secret, an altered body or a missing header gets 400 and changes nothing."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
     event = _event(email="evil@example.com")
     payload = json.dumps(event).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
@@ -150,7 +124,7 @@ def test_bad_signature_is_answered_400_and_stores_nothing(
     response = _post(client, payload, headers)
     assert response.status_code == 400
     assert response.get_json()["status"] == "rejected"
-    assert _stored(billing, event["id"]) is None
+    assert stored_event(billing, event["id"]) is None
     assert billing.customers.get("acme", customer.id).email == "old@example.com"
 
 
@@ -162,7 +136,7 @@ def test_body_bytes_reach_the_router_untouched(
     client: FlaskClient, billing: Billing, content_type: str
 ) -> None:
     """Unusual whitespace and raw UTF-8 verify, whatever the content type claims."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
     event = _event(name=UNUSUAL_NAME)
     text = json.dumps(event, ensure_ascii=False, indent="\t").replace("\n", " \r\n ")
     payload = b"\xef\xbb\xbf" + text.encode("utf-8") + b" \n\t"
@@ -188,7 +162,7 @@ def test_signature_header_name_is_case_insensitive(
     client: FlaskClient, billing: Billing, name: str
 ) -> None:
     """The Stripe-Signature header is found whatever the case of its name."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
     payload = json.dumps(_event()).encode()
     signature = sign_payload(payload, SECRET, timestamp=TS)["Stripe-Signature"]
     assert _post(client, payload, {name: signature}).status_code == 200
@@ -199,7 +173,7 @@ def test_failing_handler_is_answered_500_so_stripe_retries(
     client: FlaskClient, billing: Billing
 ) -> None:
     """A handler that raises makes the endpoint answer 500 and leaves the customer unchanged."""
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
 
     @billing.webhooks.on("customer.updated")
     def broken(ctx: Any) -> None:
@@ -223,7 +197,7 @@ def test_init_app_takes_a_custom_prefix_and_endpoint(billing: Billing) -> None:
     """url_prefix and endpoint place and name the view as asked."""
     flask_app = Flask(__name__)
     init_app(flask_app, billing, url_prefix="/hooks/stripe/", endpoint="incoming")
-    _link(billing)
+    link_directly(billing, "cus_F1")
     payload = json.dumps(_event()).encode()
     client = flask_app.test_client()
     headers = sign_payload(payload, SECRET, timestamp=TS)
@@ -248,7 +222,7 @@ def test_blueprint_with_explicit_billing_serves_that_billing(billing: Billing) -
     """blueprint(billing) works without init_app and routes to the Billing it was given."""
     flask_app = Flask(__name__)
     flask_app.register_blueprint(blueprint(billing, rule="/in"), url_prefix="/stripe")
-    customer = _link(billing)
+    customer = link_directly(billing, "cus_F1")
     payload = json.dumps(_event()).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
     assert (
@@ -263,7 +237,7 @@ def test_each_app_routes_to_its_own_billing() -> None:
     one, two = Flask("one"), Flask("two")
     init_app(one, first)
     init_app(two, second)
-    c1, c2 = _link(first), _link(second)
+    c1, c2 = link_directly(first, "cus_F1"), link_directly(second, "cus_F1")
     payload = json.dumps(_event()).encode()
     headers = sign_payload(payload, SECRET, timestamp=TS)
     assert (

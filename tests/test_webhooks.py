@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import pytest
 
-from rational_billing import BillingConfig, Customer, CustomerLink, EventOutcome, Mode, ModeKeys
+from rational_billing import BillingConfig, EventOutcome, Mode, ModeKeys
 from rational_billing.billing import Billing
 from rational_billing.testing import (
     InMemoryStorage,
@@ -18,21 +18,12 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe, link_directly, stored_event
 
 TEST_SECRET = "whsec_test_one"
 ROTATED_SECRET = "whsec_test_two"
 LIVE_SECRET = "whsec_live_one"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
 
 
 @pytest.fixture
@@ -47,18 +38,10 @@ def billing() -> Billing:
         storage=InMemoryStorage(),
         mailer=RecordingMailer(),
         clock=lambda: NOW,
-        stripe=_NoStripe(),
+        stripe=NoStripe(),
     )
     b.tenants.register_direct("acme")
     return b
-
-
-def _link(billing: Billing, tenant: str, stripe_id: str, mode: Mode = Mode.TEST) -> Customer:
-    customer = billing.customers.create(tenant, email="old@example.com", name="Old")
-    linked = attrs.evolve(customer, link=CustomerLink(mode, stripe_id))
-    with billing.storage.transaction() as tx:
-        tx.put_customer(linked)
-    return linked
 
 
 def _deliver(
@@ -85,14 +68,9 @@ def _updated(
     )
 
 
-def _stored(billing: Billing, event_id: str) -> Any:
-    with billing.storage.transaction() as tx:
-        return tx.get_event(event_id)
-
-
 def test_signed_customer_updated_updates_the_linked_customer(billing: Billing) -> None:
     """A verified customer.updated copies email and name onto the linked local customer."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     response = _deliver(billing, _updated("cus_A1", "new@example.com"))
     assert response.status_code == 200
     assert response.outcome is EventOutcome.APPLIED
@@ -102,7 +80,7 @@ def test_signed_customer_updated_updates_the_linked_customer(billing: Billing) -
 
 def test_duplicate_delivery_is_acknowledged_and_changes_nothing(billing: Billing) -> None:
     """The same event id delivered twice is applied once and answered 200 'duplicate'."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     event = _updated("cus_A1", "first@example.com")
     assert _deliver(billing, event).outcome is EventOutcome.APPLIED
     with billing.storage.transaction() as tx:
@@ -115,7 +93,7 @@ def test_duplicate_delivery_is_acknowledged_and_changes_nothing(billing: Billing
 
 def test_rotated_secret_and_several_v1_entries_verify(billing: Billing) -> None:
     """An event signed with the second configured secret, among several v1 entries, verifies."""
-    _link(billing, "acme", "cus_A1")
+    link_directly(billing, "cus_A1", tenant="acme")
     event = _updated("cus_A1", "rot@example.com")
     payload = json.dumps(event).encode()
     ts = int(NOW.timestamp())
@@ -132,7 +110,7 @@ def test_rotated_secret_and_several_v1_entries_verify(billing: Billing) -> None:
 )
 def test_rejected_deliveries_get_400_and_store_nothing(billing: Billing, tamper: str) -> None:
     """Missing/garbled headers, wrong secrets, stale or future stamps and altered bodies get 400."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     event = _updated("cus_A1", "evil@example.com")
     payload = json.dumps(event).encode()
     ts = int(NOW.timestamp())
@@ -151,21 +129,21 @@ def test_rejected_deliveries_get_400_and_store_nothing(billing: Billing, tamper:
         payload = payload.replace(b"evil@", b"evjl@")
     response = billing.webhooks.handle(payload, headers)
     assert response.status_code == 400
-    assert _stored(billing, event["id"]) is None
+    assert stored_event(billing, event["id"]) is None
     assert billing.customers.get("acme", customer.id).email == "old@example.com"
 
 
 def test_live_event_signed_only_by_a_test_secret_is_rejected(billing: Billing) -> None:
     """A livemode=true event verified only by a test secret gets 400 (§4a.2)."""
-    _link(billing, "acme", "cus_L1", Mode.LIVE)
+    link_directly(billing, "cus_L1", tenant="acme", mode=Mode.LIVE)
     event = _updated("cus_L1", "x@example.com", livemode=True)
     assert _deliver(billing, event, TEST_SECRET).status_code == 400
-    assert _stored(billing, event["id"]) is None
+    assert stored_event(billing, event["id"]) is None
 
 
 def test_test_event_signed_by_a_live_secret_is_accepted(billing: Billing) -> None:
     """Live Connect endpoints also receive test events signed with the live secret (§4a.2)."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     response = _deliver(billing, _updated("cus_A1", "t@example.com"), LIVE_SECRET)
     assert response.status_code == 200
     assert billing.customers.get("acme", customer.id).email == "t@example.com"
@@ -173,7 +151,7 @@ def test_test_event_signed_by_a_live_secret_is_accepted(billing: Billing) -> Non
 
 def test_test_event_never_touches_the_live_link(billing: Billing) -> None:
     """A test-mode event for a Stripe id only linked in live mode changes nothing."""
-    customer = _link(billing, "acme", "cus_SAME", Mode.LIVE)
+    customer = link_directly(billing, "cus_SAME", tenant="acme", mode=Mode.LIVE)
     response = _deliver(billing, _updated("cus_SAME", "t@example.com"))
     assert response.outcome is EventOutcome.IGNORED
     assert billing.customers.get("acme", customer.id).email == "old@example.com"
@@ -191,9 +169,9 @@ def test_event_for_unknown_account_is_held_then_applied_on_connect(billing: Bill
                 billing.tenants.get("acme"), id="beta", direct=False, stripe_account_id=None
             )
         )
-    customer = _link(billing, "beta", "cus_B1")
+    customer = link_directly(billing, "cus_B1", tenant="beta")
     billing.tenants.connect("beta", "acct_1NEWTENANT", modes=frozenset({Mode.TEST}))
-    assert _stored(billing, event["id"]).outcome is EventOutcome.APPLIED
+    assert stored_event(billing, event["id"]).outcome is EventOutcome.APPLIED
     assert billing.customers.get("beta", customer.id).email == "b@example.com"
 
 
@@ -202,12 +180,12 @@ def test_unhandled_type_is_recorded_as_ignored(billing: Billing) -> None:
     event = make_event("balance.available", {"object": "balance"}, created=int(NOW.timestamp()))
     response = _deliver(billing, event)
     assert (response.status_code, response.outcome) == (200, EventOutcome.IGNORED)
-    assert "no handler" in (_stored(billing, event["id"]).reason or "")
+    assert "no handler" in (stored_event(billing, event["id"]).reason or "")
 
 
 def test_failing_handler_rolls_back_answers_500_and_a_retry_applies(billing: Billing) -> None:
     """A raising handler rolls back every effect, records the failure, and a redelivery applies."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     calls = []
 
     @billing.webhooks.on("customer.updated")
@@ -220,7 +198,7 @@ def test_failing_handler_rolls_back_answers_500_and_a_retry_applies(billing: Bil
     first = _deliver(billing, event)
     assert first.status_code == 500
     assert billing.customers.get("acme", customer.id).email == "old@example.com"
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored.outcome is EventOutcome.FAILED
     assert "downstream hiccup" in stored.reason
     second = _deliver(billing, event)
@@ -230,7 +208,7 @@ def test_failing_handler_rolls_back_answers_500_and_a_retry_applies(billing: Bil
 
 def test_custom_handler_runs_after_builtin_in_the_same_transaction(billing: Billing) -> None:
     """@router.on handlers see the built-in handler's write inside the same transaction."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     seen: list[str | None] = []
 
     @billing.webhooks.on("customer.updated")
@@ -243,7 +221,7 @@ def test_custom_handler_runs_after_builtin_in_the_same_transaction(billing: Bill
 
 def test_older_stripe_event_does_not_overwrite_a_newer_one(billing: Billing) -> None:
     """customer.updated events applied out of order leave the newest values."""
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     base = int(NOW.timestamp())
     assert (
         _deliver(billing, _updated("cus_A1", "newer@example.com", created=base)).status_code == 200
@@ -257,7 +235,7 @@ def test_local_change_newer_than_the_event_wins(billing: Billing) -> None:
     """An event created before the last local change does not overwrite it."""
     clock = {"now": NOW}
     billing.clock = lambda: clock["now"]
-    customer = _link(billing, "acme", "cus_A1")
+    customer = link_directly(billing, "cus_A1", tenant="acme")
     with billing.storage.transaction() as tx:
         tx.put_customer(
             attrs.evolve(
