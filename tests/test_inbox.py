@@ -521,3 +521,129 @@ def test_stored_event_json_matches_the_converter() -> None:
     del expected["next_attempt_at"]  # as version 1 wrote it: read through the converter
     legacy = attrs.evolve(event, next_attempt_at=None)
     assert sql_module._load_event((json.dumps(expected), b"{}")) == legacy
+
+
+# -- batches: process_pending applies claimed events several per transaction ---------------
+
+
+def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
+    sql_url: str, clock: _Clock
+) -> None:
+    """One raising handler in a batch: it alone is failed and retried; the rest apply once each."""
+    storage = SQLStorage(sql_url)
+    billing = _billing(storage, clock)
+    try:
+        for n in range(5):
+            _link(billing, f"cus_B{n}")
+        applied = _count_effects(billing)
+        broken = {"cus_B2"}
+
+        @billing.webhooks.on("customer.updated")
+        def fail_third(ctx: Any) -> None:
+            if ctx.object["id"] in broken:
+                raise RuntimeError("third one broke")
+
+        events = [_updated(f"cus_B{n}", f"b{n}@example.com") for n in range(5)]
+        for event in events:
+            assert _receive(billing, event).status_code == 200
+        assert billing.webhooks.process_pending() == 5
+        outcomes = [_stored(billing, e["id"]) for e in events]
+        assert [(s.outcome, s.attempts) for s in outcomes if s is not None] == [
+            (EventOutcome.APPLIED, 1),
+            (EventOutcome.APPLIED, 1),
+            (EventOutcome.FAILED, 1),
+            (EventOutcome.APPLIED, 1),
+            (EventOutcome.APPLIED, 1),
+        ]
+        assert outcomes[2] is not None and "third one broke" in (outcomes[2].reason or "")
+        assert sorted(applied) == sorted(e["id"] for n, e in enumerate(events) if n != 2)
+        assert len(_markers(billing)) == 4
+
+        broken.clear()
+        clock.advance(seconds=30)
+        assert billing.webhooks.process_pending() == 1
+        again = _stored(billing, events[2]["id"])
+        assert again is not None and (again.outcome, again.attempts) == (EventOutcome.APPLIED, 2)
+        assert sorted(applied) == sorted(e["id"] for e in events)
+        assert len(_markers(billing)) == 5
+    finally:
+        billing.close()
+
+
+def test_batch_deferred_work_runs_only_after_the_batch_commits(
+    tmp_path: Path, clock: _Clock
+) -> None:
+    """Emails and other deferred work of a batch run once every event of it is committed."""
+    url = f"sqlite:///{tmp_path / 'batch.db'}"
+    billing = _billing(SQLStorage(url), clock)
+    observer = SQLStorage(url)  # another connection: it sees committed rows only
+    try:
+        for n in range(3):
+            _link(billing, f"cus_C{n}")
+        seen: list[list[EventOutcome]] = []
+        events = [_updated(f"cus_C{n}", f"c{n}@example.com") for n in range(3)]
+
+        @billing.webhooks.on("customer.updated")
+        def observe(ctx: Any) -> None:
+            def look() -> None:
+                with observer.transaction() as tx:
+                    stored = [tx.get_event(e["id"]) for e in events]
+                seen.append([s.outcome for s in stored if s is not None])
+
+            ctx.after_commit(look)
+
+        for event in events:
+            _receive(billing, event)
+        assert billing.webhooks.process_pending() == 3
+        assert seen == [[EventOutcome.APPLIED] * 3] * 3
+    finally:
+        observer.close()
+        billing.close()
+
+
+def test_redelivery_racing_a_batch_waits_and_applies_nothing_twice(
+    sql_url: str, clock: _Clock
+) -> None:
+    """handle() of an event a worker applied earlier in its open batch waits, then is a duplicate."""
+    storage = SQLStorage(sql_url)
+    billing = _billing(storage, clock)
+    try:
+        _link(billing, "cus_D1")
+        _link(billing, "cus_D2")
+        inside, release = threading.Event(), threading.Event()
+        calls: list[str] = []
+
+        @billing.webhooks.on("customer.updated")
+        def slow(ctx: Any) -> None:
+            calls.append(f"{threading.current_thread().name}:{ctx.object['id']}")
+            ctx.tx.insert_customer(
+                Customer(id=f"mark-{len(calls)}", tenant=ctx.tenant.id, email=None)
+            )
+            if threading.current_thread().name == "worker" and ctx.object["id"] == "cus_D2":
+                inside.set()
+                assert release.wait(30)
+
+        first, second = _updated("cus_D1", "d1@example.com"), _updated("cus_D2", "d2@example.com")
+        _receive(billing, first)
+        clock.advance(seconds=1)
+        _receive(billing, second)
+        worker = threading.Thread(target=billing.webhooks.process_pending, name="worker")
+        worker.start()
+        assert inside.wait(30)  # the first event is applied, not yet committed
+        responses: list[Any] = []
+        redelivery = threading.Thread(
+            target=lambda: responses.append(billing.webhooks.handle(*_signed(first))),
+            name="redelivery",
+        )
+        redelivery.start()
+        redelivery.join(0.5)
+        assert redelivery.is_alive()  # it waits for the worker's batch
+        release.set()
+        worker.join(30)
+        redelivery.join(30)
+        assert calls == ["worker:cus_D1", "worker:cus_D2"]
+        assert (responses[0].status_code, responses[0].outcome) == (200, EventOutcome.DUPLICATE)
+        assert len(_markers(billing)) == 2
+        assert billing.webhooks.process_pending() == 0
+    finally:
+        billing.close()

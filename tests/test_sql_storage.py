@@ -20,7 +20,14 @@ import pytest
 from sqlalchemy.pool import QueuePool
 
 from rational_billing._config import Mode
-from rational_billing.domain.models import Customer, CustomerLink, OutboxEntry
+from rational_billing.domain.models import (
+    Customer,
+    CustomerLink,
+    MirrorResult,
+    OutboxEntry,
+    Subscription,
+    Tenant,
+)
 from rational_billing.errors import ConfigError, StorageError
 from rational_billing.storage import sql as sql_module
 from rational_billing.storage.sql import SQLStorage
@@ -446,3 +453,80 @@ def test_concurrent_link_race_is_an_integrity_storage_error(
     assert "UniqueViolation" in str(raised.value)
     with storage.transaction() as tx:
         assert tx.customer_by_link("t1", Mode.TEST, "cus_X") == _customer("c1", link="cus_X")
+
+
+# -- per-transaction shortcuts: remembered tenants, insert-first mirrors -------------------
+
+
+def _tenant_for(tenant_id: str, account: str) -> Tenant:
+    return Tenant(
+        id=tenant_id,
+        stripe_account_id=account,
+        modes=frozenset({Mode.TEST}),
+        connected_at=CLOCK_TIME,
+    )
+
+
+def test_tenant_lookups_in_a_transaction_see_its_own_tenant_writes(any_url: str) -> None:
+    """A tenant written in a transaction is what later lookups in it find, and a savepoint undoes it."""
+    storage = SQLStorage(any_url)
+    try:
+        with storage.transaction() as tx:
+            tx.put_tenant(_tenant_for("t1", "acct_1"))
+        with storage.transaction() as tx:
+            first = tx.tenant_by_account("acct_1")
+            assert first is not None and first.id == "t1"
+            assert tx.get_tenant("t2") is None
+            tx.put_tenant(_tenant_for("t2", "acct_1"))  # t2 claims the account
+            moved = tx.tenant_by_account("acct_1")
+            assert moved is not None and moved.id == "t2"
+            assert tx.get_tenant("t2") is not None
+
+            def claim_and_fail() -> None:
+                with storage.transaction() as inner:
+                    inner.put_tenant(_tenant_for("t3", "acct_1"))
+                    assert inner.tenant_by_account("acct_1") == _tenant_for("t3", "acct_1")
+                    raise RuntimeError("undo the savepoint")
+
+            with pytest.raises(RuntimeError, match="undo the savepoint"):
+                claim_and_fail()
+            back = tx.tenant_by_account("acct_1")
+            assert back is not None and back.id == "t2"
+            assert tx.get_tenant("t3") is None
+        with storage.transaction() as tx:
+            after = tx.tenant_by_account("acct_1")
+            assert after is not None and after.id == "t2"
+    finally:
+        storage.close()
+
+
+def test_mirror_read_as_absent_then_stored_elsewhere_is_still_compared(pg_storage_url: str) -> None:
+    """A record read as absent, then stored newer by another transaction, is stale, not inserted twice."""
+    storage = SQLStorage(pg_storage_url)
+    newer = Subscription(
+        tenant="t1",
+        mode=Mode.TEST,
+        stripe_id="sub_1",
+        stripe_customer_id="cus_A",
+        status="active",
+        marker=CLOCK_TIME,
+    )
+    older = attrs.evolve(newer, status="past_due", marker=CLOCK_TIME.replace(year=2029))
+    try:
+        with storage.transaction() as tx:
+            assert tx.get_mirror(Subscription, "t1", Mode.TEST, "sub_1") is None
+
+            def elsewhere() -> MirrorResult:
+                with storage.transaction() as other:
+                    return other.mirror(newer)
+
+            with ThreadPoolExecutor(1) as pool:
+                assert pool.submit(elsewhere).result(30) is MirrorResult.INSERTED
+            assert tx.mirror(older) is MirrorResult.STALE
+        with storage.transaction() as tx:
+            assert tx.get_mirror(Subscription, "t1", Mode.TEST, "sub_1") == newer
+            assert tx.get_mirror(Subscription, "t1", Mode.TEST, "sub_2") is None
+            assert tx.mirror(attrs.evolve(newer, stripe_id="sub_2")) is MirrorResult.INSERTED
+            assert tx.mirror(attrs.evolve(newer, stripe_id="sub_2")) is MirrorResult.TIE
+    finally:
+        storage.close()

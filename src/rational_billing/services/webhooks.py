@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final
@@ -69,6 +69,8 @@ RETRY_CAP: Final = timedelta(hours=1)
 MAX_ATTEMPTS: Final = 25
 #: How long a worker holds the events it claimed before others may take them.
 DEFAULT_LEASE: Final = timedelta(minutes=5)
+#: `WebhookRouter.process_pending` applies claimed events this many per transaction.
+APPLY_BATCH: Final = 50
 
 # Stripe ids are ASCII letters and digits after their prefix. Anything else
 # (a NUL, a space, a look-alike letter) is not an event Stripe sent, and some
@@ -376,6 +378,14 @@ class WebhookRouter:
         its deferred work (emails) runs here after the commit. An event whose
         handler raises is recorded ``failed`` and retried with backoff.
 
+        The claimed events are applied in batches of up to `APPLY_BATCH`, each
+        batch in one transaction (one commit instead of one per event), exactly
+        as `handle` would apply them one after the other; their deferred work
+        runs once the batch has committed. If anything in a batch raises, the
+        whole batch rolls back and its events are applied again one
+        transaction each, so that a failing event is recorded ``failed`` on
+        its own and the others are applied.
+
         Raises:
             InvalidArgument: ``limit`` is not a positive integer.
             StorageError: the claim itself failed (nothing was claimed).
@@ -385,9 +395,60 @@ class WebhookRouter:
         now = self._clock()
         with self._storage.transaction() as tx:
             claimed = tx.claim_events(now, limit=limit, lease=lease)
-        for stored in claimed:
-            self._apply_stored(stored, force=False)
+        for start in range(0, len(claimed), APPLY_BATCH):
+            self._apply_batch(claimed[start : start + APPLY_BATCH])
         return len(claimed)
+
+    def _apply_batch(self, batch: Sequence[ProcessedEvent]) -> None:
+        """Apply claimed events in one transaction; one transaction each if that fails."""
+        ready: list[tuple[ProcessedEvent, dict[str, Any], bytes]] = []
+        for stored in batch:
+            if stored.payload is None:
+                self._give_up(stored, "the stored event has no body to apply")
+                continue
+            try:
+                ready.append((stored, _parse_event(stored.payload), stored.payload))
+            except WebhookPayloadError as exc:
+                self._give_up(stored, f"the stored body cannot be applied: {exc}")
+        if len(ready) < 2:
+            for stored, event, payload in ready:
+                self._apply(event, payload, self._clock(), received_at=stored.received_at)
+            return
+        done: list[tuple[dict[str, Any], EventOutcome, str | None, str | None]] = []
+        deferred: list[tuple[str, list[Callable[[], None]]]] = []
+        try:
+            with self._storage.transaction() as tx:
+                for stored, event, payload in ready:
+                    after: list[Callable[[], None]] = []
+                    outcome, reason, tenant_id = self._apply_in(
+                        tx, event, payload, stored.received_at, False, after
+                    )
+                    done.append((event, outcome, reason, tenant_id))
+                    if after:
+                        deferred.append((event["id"], after))
+        except Exception:
+            # Nothing of the batch committed. Apply each event on its own, as
+            # `handle` would: the failing one is recorded, the others applied.
+            log.warning(
+                "a batch of %d webhooks rolled back; applying them one by one",
+                len(ready),
+                exc_info=True,
+            )
+            for stored, event, payload in ready:
+                self._apply(event, payload, self._clock(), received_at=stored.received_at)
+            return
+        for event_id, work in deferred:
+            self._run_after_commit(work, event_id)
+        if log.isEnabledFor(logging.INFO):
+            for event, outcome, reason, tenant_id in done:
+                log.info(
+                    "webhook %s %s tenant=%s: %s%s",
+                    event["id"],
+                    event["type"],
+                    tenant_id,
+                    outcome.value,
+                    f" ({reason})" if reason else "",
+                )
 
     def _apply_stored(self, stored: ProcessedEvent, *, force: bool) -> WebhookResponse | None:
         """Apply a stored event from its body; None when the body is gone or unreadable."""

@@ -759,7 +759,7 @@ class _SQLTransaction:
     rollback and a `StorageError` rather than in a silent partial commit.
     """
 
-    __slots__ = ("_conn", "_cursor", "_q", "failed")
+    __slots__ = ("_absent_mirrors", "_conn", "_cursor", "_q", "_tenant_memo", "failed")
 
     def __init__(self, conn: sa.Connection, queries: _Queries) -> None:
         self._conn = conn
@@ -767,6 +767,17 @@ class _SQLTransaction:
         self._cursor: Any = None
         #: Why the transaction can no longer commit, once a statement has failed.
         self.failed: str | None = None
+        #: Tenant lookups already made in this transaction (a batch of webhooks
+        #: asks for the same few tenants again and again). Forgotten whenever
+        #: this transaction writes a tenant or rolls back to a savepoint.
+        self._tenant_memo: dict[tuple[str, str], Tenant | None] = {}
+        #: Mirror keys that `get_mirror` found absent in this transaction: their
+        #: `mirror` tries the insert first. Only a hint: either order is correct.
+        self._absent_mirrors: set[tuple[str, str, str, str]] = set()
+
+    def forget_tenants(self) -> None:
+        """Drop the remembered tenant lookups (a savepoint rolled back)."""
+        self._tenant_memo.clear()
 
     def failure(self) -> str | None:
         """Why the transaction can no longer commit, or None."""
@@ -820,7 +831,17 @@ class _SQLTransaction:
         return [_load(cls, data) for data in self._run(stmt, params).scalars()]
 
     # -- tenants -------------------------------------------------------------
-    def _tenant(self, stmt: sa.Executable, params: Mapping[str, Any]) -> Tenant | None:
+    def _tenant(
+        self, memo_key: tuple[str, str], stmt: sa.Executable, params: Mapping[str, Any]
+    ) -> Tenant | None:
+        memo = self._tenant_memo
+        if memo_key in memo:
+            return memo[memo_key]
+        found = self._read_tenant(stmt, params)
+        memo[memo_key] = found
+        return found
+
+    def _read_tenant(self, stmt: sa.Executable, params: Mapping[str, Any]) -> Tenant | None:
         data = self._run(stmt, params).scalar_one_or_none()
         if data is None:
             return None
@@ -835,17 +856,19 @@ class _SQLTransaction:
         return tenant
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
-        return self._tenant(self._q.tenant, {"k_id": tenant_id})
+        return self._tenant(("id", tenant_id), self._q.tenant, {"k_id": tenant_id})
 
     def tenant_by_account(self, stripe_account_id: str) -> Tenant | None:
-        return self._tenant(self._q.tenant_by_account, {"k_account": stripe_account_id})
+        params = {"k_account": stripe_account_id}
+        return self._tenant(("account", stripe_account_id), self._q.tenant_by_account, params)
 
     def direct_tenant(self) -> Tenant | None:
-        return self._tenant(self._q.direct_tenant, {})
+        return self._tenant(("direct", ""), self._q.direct_tenant, {})
 
     def put_tenant(self, tenant: Tenant) -> None:
         # As in InMemoryStorage, the latest tenant to claim an account (or to
         # be direct) is the one the lookups find.
+        self._tenant_memo.clear()
         account_key = None if tenant.direct else tenant.stripe_account_id
         if account_key is not None:
             self._run(self._q.release_account, {"k_account": account_key, "k_id": tenant.id})
@@ -1015,6 +1038,15 @@ class _SQLTransaction:
             "marker_us": marker,
             "data": _dump(record),
         }
+        hint = (key["k_kind"], record.tenant, key["k_mode"], record.stripe_id)
+        if hint in self._absent_mirrors:
+            # Read as absent earlier in this transaction: most likely still
+            # absent, so insert at once; if a row is there after all, the
+            # rounds below lock and compare it as usual.
+            self._absent_mirrors.discard(hint)
+            first: dict[str, Any] = {name[2:]: value for name, value in key.items()} | values
+            if self._run(self._q.insert_mirror, first).rowcount == 1:
+                return MirrorResult.INSERTED
         # At most two rounds: when the insert finds a row that a concurrent
         # transaction committed meanwhile, the second round locks and compares it.
         for _ in range(2):
@@ -1039,7 +1071,10 @@ class _SQLTransaction:
             "k_mode": mode.value,
             "k_stripe_id": stripe_id,
         }
-        return self._one(kind, self._q.mirror, params)
+        found = self._one(kind, self._q.mirror, params)
+        if found is None:
+            self._absent_mirrors.add((params["k_kind"], tenant, mode.value, stripe_id))
+        return found
 
     def mirrors_for_customer(
         self, kind: type[R], tenant: str, mode: Mode, stripe_customer_id: str
@@ -1412,11 +1447,13 @@ class SQLStorage:
         try:
             yield tx
         except BaseException as exc:
+            tx.forget_tenants()  # a tenant written inside the savepoint is undone
             if _rollback(savepoint, exc):
                 tx.failed = None  # the savepoint undid whatever failed
             raise
         if tx.failed is not None:
             failed = tx.failed
+            tx.forget_tenants()
             if _rollback(savepoint, None):
                 tx.failed = None
             raise StorageError(f"rolled back: a statement in this block failed ({failed})")
