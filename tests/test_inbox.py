@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import pytest
 
-from rational_billing import BillingConfig, Customer, CustomerLink, EventOutcome, Mode, ModeKeys
+from rational_billing import BillingConfig, Customer, EventOutcome, Mode, ModeKeys
 from rational_billing.billing import Billing
 from rational_billing.domain._serde import unstructure
 from rational_billing.domain.models import ProcessedEvent
@@ -31,6 +31,7 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe, link_directly, stored_event
 
 TEST_SECRET = "whsec_test_inbox"
 LIVE_SECRET = "whsec_live_inbox"
@@ -50,23 +51,13 @@ class _Clock:
         self.now += timedelta(**delta)
 
 
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
-
-
 def _billing(storage: Storage, clock: _Clock) -> Billing:
     config = BillingConfig(
         test=ModeKeys(secret_key="sk_test_abc", webhook_secrets=(TEST_SECRET,)),
         live=ModeKeys(secret_key="sk_live_abc", webhook_secrets=(LIVE_SECRET,)),
     )
     billing = Billing(
-        config=config, storage=storage, mailer=RecordingMailer(), clock=clock, stripe=_NoStripe()
+        config=config, storage=storage, mailer=RecordingMailer(), clock=clock, stripe=NoStripe()
     )
     billing.tenants.register_direct("acme")
     return billing
@@ -84,14 +75,6 @@ def billing(clock: _Clock) -> Billing:
     return _billing(InMemoryStorage(), clock)
 
 
-def _link(billing: Billing, stripe_id: str, tenant: str = "acme") -> Customer:
-    customer = billing.customers.create(tenant, email="old@example.com", name="Old")
-    linked = attrs.evolve(customer, link=CustomerLink(Mode.TEST, stripe_id))
-    with billing.storage.transaction() as tx:
-        tx.put_customer(linked)
-    return linked
-
-
 def _updated(stripe_id: str, email: str, **kw: Any) -> dict[str, Any]:
     obj = build_customer(id=stripe_id, email=email, name="New")
     return make_event("customer.updated", obj, created=int(T0.timestamp()), **kw)
@@ -104,11 +87,6 @@ def _signed(event: dict[str, Any], secret: str = TEST_SECRET) -> tuple[bytes, di
 
 def _receive(billing: Billing, event: dict[str, Any], secret: str = TEST_SECRET) -> Any:
     return billing.webhooks.receive(*_signed(event, secret))
-
-
-def _stored(billing: Billing, event_id: str) -> ProcessedEvent | None:
-    with billing.storage.transaction() as tx:
-        return tx.get_event(event_id)
 
 
 def _count_effects(billing: Billing) -> list[str]:
@@ -134,12 +112,12 @@ def _markers(billing: Billing, tenant: str = "acme") -> list[str]:
 
 def test_receive_stores_the_event_pending_and_applies_nothing(billing: Billing) -> None:
     """receive() answers 200 'pending' and stores the raw body; nothing is applied yet."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     event = _updated("cus_A1", "new@example.com")
     payload, headers = _signed(event)
     response = billing.webhooks.receive(payload, headers)
     assert (response.status_code, response.outcome) == (200, EventOutcome.PENDING)
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.payload, stored.next_attempt_at) == (
         EventOutcome.PENDING,
@@ -167,7 +145,7 @@ def test_receive_rejects_what_handle_rejects_and_stores_nothing(
         payload = payload.replace(b"evil@", b"evjl@")
     response = billing.webhooks.receive(payload, headers)
     assert response.status_code == 400
-    assert _stored(billing, event["id"]) is None
+    assert stored_event(billing, event["id"]) is None
     with billing.storage.transaction() as tx:
         assert list(tx.claim_events(T0, limit=10, lease=timedelta(minutes=1))) == []
 
@@ -182,10 +160,10 @@ def test_receive_of_a_stored_id_is_a_duplicate_and_changes_nothing(billing: Bill
     """A second delivery of a stored event answers 200 'duplicate' and leaves it as it was."""
     event = _updated("cus_A1", "new@example.com")
     _receive(billing, event)
-    before = _stored(billing, event["id"])
+    before = stored_event(billing, event["id"])
     response = _receive(billing, event)
     assert (response.status_code, response.outcome) == (200, EventOutcome.DUPLICATE)
-    assert _stored(billing, event["id"]) == before
+    assert stored_event(billing, event["id"]) == before
 
 
 class _BrokenStorage:
@@ -200,10 +178,10 @@ class _BrokenStorage:
         """Nothing to release."""
 
 
-def test_receive_answers_500_when_the_event_cannot_be_stored(clock: _Clock) -> None:
+def test_receive_answers_500_when_the_event_cannot_bestored_event(clock: _Clock) -> None:
     """When storage fails, receive() answers 500 so that Stripe delivers the event again."""
     config = BillingConfig(test=ModeKeys(secret_key="sk_test_abc", webhook_secrets=(TEST_SECRET,)))
-    billing = Billing(config=config, storage=_BrokenStorage(), clock=clock, stripe=_NoStripe())
+    billing = Billing(config=config, storage=_BrokenStorage(), clock=clock, stripe=NoStripe())
     response = _receive(billing, _updated("cus_A1", "x@example.com"))
     assert response.status_code == 500
 
@@ -213,7 +191,7 @@ def test_receive_answers_500_when_the_event_cannot_be_stored(clock: _Clock) -> N
 
 def test_process_pending_applies_received_events_once(billing: Billing) -> None:
     """Workers apply what receive() stored, through the same handlers, exactly once."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     applied = _count_effects(billing)
     event = _updated("cus_A1", "new@example.com")
     _receive(billing, event)
@@ -222,7 +200,7 @@ def test_process_pending_applies_received_events_once(billing: Billing) -> None:
     assert billing.customers.get("acme", customer.id).email == "new@example.com"
     assert applied == [event["id"]]  # the after-commit work ran in the worker
     assert len(_markers(billing)) == 1
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.attempts, stored.tenant) == (EventOutcome.APPLIED, 1, "acme")
     assert stored.received_at == T0
@@ -230,7 +208,7 @@ def test_process_pending_applies_received_events_once(billing: Billing) -> None:
 
 def test_process_pending_takes_at_most_limit_oldest_first(billing: Billing, clock: _Clock) -> None:
     """process_pending(limit) applies the oldest pending events first, limit at a time."""
-    _link(billing, "cus_A1")
+    link_directly(billing, "cus_A1")
     applied = _count_effects(billing)
     events = []
     for i in range(5):
@@ -254,7 +232,7 @@ def test_failed_event_is_retried_with_backoff_and_stays_visible(
     billing: Billing, clock: _Clock
 ) -> None:
     """A raising handler leaves the event failed, with its error, retried after 30 s, 60 s..."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     failures = {"left": 2}
 
     @billing.webhooks.on("customer.updated")
@@ -266,7 +244,7 @@ def test_failed_event_is_retried_with_backoff_and_stays_visible(
     event = _updated("cus_A1", "retry@example.com")
     _receive(billing, event)
     assert billing.webhooks.process_pending() == 1
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.attempts) == (EventOutcome.FAILED, 1)
     assert "downstream hiccup" in (stored.reason or "")
@@ -280,14 +258,14 @@ def test_failed_event_is_retried_with_backoff_and_stays_visible(
     assert billing.webhooks.process_pending() == 0
     clock.advance(seconds=1)
     assert billing.webhooks.process_pending() == 1
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.attempts) == (EventOutcome.FAILED, 2)
     assert stored.next_attempt_at == clock.now + timedelta(seconds=60)
 
     clock.advance(seconds=60)
     assert billing.webhooks.process_pending() == 1
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.attempts, stored.next_attempt_at) == (
         EventOutcome.APPLIED,
@@ -310,7 +288,7 @@ def test_retries_stop_after_max_attempts(billing: Billing, clock: _Clock) -> Non
         assert billing.webhooks.process_pending() == 1
         clock.advance(hours=2)
     assert billing.webhooks.process_pending() == 0
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert (stored.outcome, stored.attempts, stored.next_attempt_at) == (
         EventOutcome.FAILED,
@@ -321,7 +299,7 @@ def test_retries_stop_after_max_attempts(billing: Billing, clock: _Clock) -> Non
 
 def test_handle_failure_is_also_retried_by_workers(billing: Billing, clock: _Clock) -> None:
     """An event that failed in handle() is retried by process_pending once its time comes."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     failures = {"left": 1}
 
     @billing.webhooks.on("customer.updated")
@@ -343,12 +321,12 @@ def test_pending_event_for_an_unknown_account_is_held_until_it_connects(
     event = _updated("cus_B1", "b@example.com", account="acct_1NEWTENANT")
     _receive(billing, event)
     assert billing.webhooks.process_pending() == 1
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     assert stored.outcome is EventOutcome.HELD
     assert billing.webhooks.process_pending() == 0  # held events are not retried on their own
     billing.tenants.connect("beta", "acct_1NEWTENANT", modes=frozenset({Mode.TEST}))
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored is not None
     # No customer is linked in the new tenant yet: applied by the handler as 'ignored'.
     assert stored.outcome is EventOutcome.IGNORED
@@ -359,7 +337,7 @@ def test_handle_applies_a_pending_event_instead_of_calling_it_a_duplicate(
     billing: Billing,
 ) -> None:
     """A pending event delivered again through handle() is applied there, and only there."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     _count_effects(billing)
     event = _updated("cus_A1", "new@example.com")
     _receive(billing, event)
@@ -375,7 +353,7 @@ def test_events_of_a_worker_that_died_are_applied_after_its_lease(
     billing: Billing, clock: _Clock
 ) -> None:
     """Events claimed by a worker that never applied them are taken by another after the lease."""
-    _link(billing, "cus_A1")
+    link_directly(billing, "cus_A1")
     _count_effects(billing)
     event = _updated("cus_A1", "new@example.com")
     _receive(billing, event)
@@ -404,7 +382,7 @@ def test_worker_and_redelivery_racing_apply_the_event_once(sql_url: str, clock: 
     storage = SQLStorage(sql_url)
     billing = _billing(storage, clock)
     try:
-        _link(billing, "cus_A1")
+        link_directly(billing, "cus_A1")
         inside, release = threading.Event(), threading.Event()
         calls: list[str] = []
 
@@ -482,9 +460,9 @@ def test_version_1_database_keeps_its_held_events(
 
     billing = _billing(SQLStorage(url), clock)
     try:
-        assert _stored(billing, event["id"]) == held
+        assert stored_event(billing, event["id"]) == held
         billing.tenants.connect("later", "acct_1LATER", modes=frozenset({Mode.TEST}))
-        stored = _stored(billing, event["id"])
+        stored = stored_event(billing, event["id"])
         assert stored is not None
         assert (stored.outcome, stored.tenant, stored.payload) == (
             EventOutcome.IGNORED,
@@ -534,7 +512,7 @@ def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
     billing = _billing(storage, clock)
     try:
         for n in range(5):
-            _link(billing, f"cus_B{n}")
+            link_directly(billing, f"cus_B{n}")
         applied = _count_effects(billing)
         broken = {"cus_B2"}
 
@@ -547,7 +525,7 @@ def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
         for event in events:
             assert _receive(billing, event).status_code == 200
         assert billing.webhooks.process_pending() == 5
-        outcomes = [_stored(billing, e["id"]) for e in events]
+        outcomes = [stored_event(billing, e["id"]) for e in events]
         assert [(s.outcome, s.attempts) for s in outcomes if s is not None] == [
             (EventOutcome.APPLIED, 1),
             (EventOutcome.APPLIED, 1),
@@ -562,7 +540,7 @@ def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
         broken.clear()
         clock.advance(seconds=30)
         assert billing.webhooks.process_pending() == 1
-        again = _stored(billing, events[2]["id"])
+        again = stored_event(billing, events[2]["id"])
         assert again is not None and (again.outcome, again.attempts) == (EventOutcome.APPLIED, 2)
         assert sorted(applied) == sorted(e["id"] for e in events)
         assert len(_markers(billing)) == 5
@@ -579,7 +557,7 @@ def test_batch_deferred_work_runs_only_after_the_batch_commits(
     observer = SQLStorage(url)  # another connection: it sees committed rows only
     try:
         for n in range(3):
-            _link(billing, f"cus_C{n}")
+            link_directly(billing, f"cus_C{n}")
         seen: list[list[EventOutcome]] = []
         events = [_updated(f"cus_C{n}", f"c{n}@example.com") for n in range(3)]
 
@@ -608,8 +586,8 @@ def test_redelivery_racing_a_batch_waits_and_applies_nothing_twice(
     storage = SQLStorage(sql_url)
     billing = _billing(storage, clock)
     try:
-        _link(billing, "cus_D1")
-        _link(billing, "cus_D2")
+        link_directly(billing, "cus_D1")
+        link_directly(billing, "cus_D2")
         inside, release = threading.Event(), threading.Event()
         calls: list[str] = []
 

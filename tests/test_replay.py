@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from rational_billing import BillingConfig, Customer, CustomerLink, EventOutcome, Mode, ModeKeys
+from rational_billing import BillingConfig, EventOutcome, ModeKeys
 from rational_billing.billing import Billing
 from rational_billing.cli import main
 from rational_billing.errors import InvalidArgument
@@ -22,6 +22,7 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe, link_directly, stored_event
 
 SECRET = "whsec_test_replay"
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -37,16 +38,6 @@ class _Clock:
         return self.now
 
 
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
-
-
 def _config(storage_url: str = "memory://") -> BillingConfig:
     return BillingConfig(
         test=ModeKeys(secret_key="sk_test_abc", webhook_secrets=(SECRET,)),
@@ -60,7 +51,7 @@ def _billing(storage: Any, clock: _Clock, mailer: RecordingMailer | None = None)
         storage=storage,
         mailer=mailer if mailer is not None else RecordingMailer(),
         clock=clock,
-        stripe=_NoStripe(),
+        stripe=NoStripe(),
     )
     billing.tenants.register_direct("acme")
     return billing
@@ -95,29 +86,16 @@ def _updated(stripe_id: str, email: str) -> dict[str, Any]:
     return make_event("customer.updated", obj, created=int(T0.timestamp()))
 
 
-def _link(billing: Billing, stripe_id: str) -> Customer:
-    customer = billing.customers.create("acme", email="old@example.com", name="Old")
-    linked = attrs.evolve(customer, link=CustomerLink(Mode.TEST, stripe_id))
-    with billing.storage.transaction() as tx:
-        tx.put_customer(linked)
-    return linked
-
-
-def _stored(billing: Billing, event_id: str) -> Any:
-    with billing.storage.transaction() as tx:
-        return tx.get_event(event_id)
-
-
 def test_replay_applies_an_event_that_found_nothing_to_change(billing: Billing) -> None:
     """An event ignored because no customer was linked yet takes effect when replayed."""
     event = _updated("cus_A1", "new@example.com")
     assert _deliver(billing, event).outcome is EventOutcome.IGNORED
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     report = billing.webhooks.replay([event["id"]])
     assert (report.replayed, dict(report.outcomes)) == (1, {EventOutcome.APPLIED: 1})
     assert (report.failed, report.missing) == ((), ())
     assert billing.customers.get("acme", customer.id).email == "new@example.com"
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert (stored.outcome, stored.attempts) == (EventOutcome.APPLIED, 2)
 
 
@@ -139,7 +117,7 @@ def test_replaying_customer_created_never_invites_twice(
 
 def test_replaying_an_applied_update_changes_nothing_more(billing: Billing) -> None:
     """Replaying an applied customer.updated leaves the same state as one delivery."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     event = _updated("cus_A1", "new@example.com")
     _deliver(billing, event)
     before = billing.customers.get("acme", customer.id)
@@ -208,7 +186,7 @@ def test_replay_reports_unknown_ids(billing: Billing) -> None:
 
 def test_replay_failure_rolls_back_and_is_recorded(billing: Billing, clock: _Clock) -> None:
     """A handler raising during replay rolls its effects back, and the event is failed with a retry."""
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     event = _updated("cus_A1", "first@example.com")
     _deliver(billing, event)
     with billing.storage.transaction() as tx:
@@ -223,7 +201,7 @@ def test_replay_failure_rolls_back_and_is_recorded(billing: Billing, clock: _Clo
     assert report.failed == (event["id"],)
     assert dict(report.outcomes) == {EventOutcome.FAILED: 1}
     assert billing.customers.get("acme", customer.id).email == "changed@example.com"
-    stored = _stored(billing, event["id"])
+    stored = stored_event(billing, event["id"])
     assert stored.outcome is EventOutcome.FAILED
     assert "handler bug" in stored.reason
     assert stored.next_attempt_at == clock.now + timedelta(seconds=60)  # second attempt failed
@@ -267,7 +245,7 @@ def test_cli_replays_an_event_by_id(
     billing = _billing(SQLStorage(url), clock)
     event = _updated("cus_A1", "cli@example.com")
     assert _deliver(billing, event).outcome is EventOutcome.IGNORED
-    customer = _link(billing, "cus_A1")
+    customer = link_directly(billing, "cus_A1")
     billing.close()
 
     _env(monkeypatch, url)

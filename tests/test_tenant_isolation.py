@@ -42,6 +42,7 @@ from rational_billing.testing import (
     make_event,
     sign_payload,
 )
+from tests.helpers import NoStripe
 
 TEST_SECRET = "whsec_iso_test"
 LIVE_SECRET = "whsec_iso_live"
@@ -88,16 +89,6 @@ ADVERSARIAL = [
 ]
 
 
-class _NoStripe:
-    """A Stripe port that fails the test if anything calls it."""
-
-    def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        raise AssertionError("no Stripe call expected")
-
-    def list_all(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("no Stripe call expected")
-
-
 def _platform(storage: Storage) -> tuple[Billing, dict[tuple[str, Mode], str]]:
     """The four tenants, each with a customer linked to cus_SHARED in each mode."""
     config = BillingConfig(
@@ -109,7 +100,7 @@ def _platform(storage: Storage) -> tuple[Billing, dict[tuple[str, Mode], str]]:
         storage=storage,
         mailer=RecordingMailer(),
         clock=lambda: NOW,
-        stripe=_NoStripe(),
+        stripe=NoStripe(),
     )
     both = frozenset(Mode)
     for tenant, account in ACCOUNTS.items():
