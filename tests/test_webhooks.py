@@ -233,8 +233,6 @@ def test_older_stripe_event_does_not_overwrite_a_newer_one(billing: Billing) -> 
 
 def test_local_change_newer_than_the_event_wins(billing: Billing) -> None:
     """An event created before the last local change does not overwrite it."""
-    clock = {"now": NOW}
-    billing.clock = lambda: clock["now"]
     customer = link_directly(billing, "cus_A1", tenant="acme")
     with billing.storage.transaction() as tx:
         tx.put_customer(
