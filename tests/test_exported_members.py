@@ -62,6 +62,7 @@ PUBLIC = {
         "StripeProductNotFound",
         "StripeObjectError",
         "StorageError",
+        "MailRejected",
     },
     "rational_billing.testing": {
         "InMemoryStorage",

@@ -31,8 +31,8 @@ from rational_billing import (
     ModeKeys,
     Storage,
 )
-from rational_billing.errors import ConfigError, StripeAPIError
-from rational_billing.services.invitations import message_id_for
+from rational_billing.errors import ConfigError, MailRejected, StripeAPIError
+from rational_billing.services.invitations import MAX_ATTEMPTS, message_id_for
 from rational_billing.storage.sql import SQLStorage
 from rational_billing.testing import (
     InMemoryStorage,
@@ -499,3 +499,50 @@ def test_concurrent_deliveries_on_postgres_make_one_customer_and_one_invitation(
         assert billing.sync.push_pending() == 0
     finally:
         billing.close()
+
+
+class _RejectingMailer:
+    """A mailer whose server refuses every recipient for good."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def send(self, email: Any, *, mode: Mode) -> None:
+        self.attempts += 1
+        raise MailRejected(f"the server refused {email.to!r} for good")
+
+
+def test_a_permanent_refusal_marks_the_invitation_failed_and_stops_retrying() -> None:
+    """A 5xx refusal ends the retries: the invitation is kept as failed with its error."""
+    mailer = _RejectingMailer()
+    billing = _billing(mailer=mailer)  # type: ignore[arg-type]
+    _deliver(billing, _created(_held(billing, id="cus_BOUNCE", email="nobody@example.com")))
+    invitation = billing.invitations.get("acme", "cus_BOUNCE", mode=Mode.TEST)
+    assert invitation is not None
+    assert invitation.state is InvitationState.FAILED
+    assert "refused" in (invitation.last_error or "")
+    assert billing.sync.push_pending() == 0
+    assert mailer.attempts == 1
+
+
+def test_an_invitation_that_keeps_failing_is_given_up_after_max_attempts() -> None:
+    """Transient failures are retried with backoff, but never forever."""
+    now = [NOW]
+    mailer = RecordingMailer(fail_times=10_000)
+    config = BillingConfig(test=ModeKeys(secret_key="sk_test_x", webhook_secrets=(SECRET,)))
+    billing = Billing(
+        config=config,
+        storage=InMemoryStorage(),
+        mailer=mailer,
+        clock=lambda: now[0],
+        stripe=StripeState(),
+    )
+    billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+    _deliver(billing, _created(_held(billing, id="cus_FLAKY", email="flaky@example.com")))
+    for _ in range(MAX_ATTEMPTS + 5):
+        now[0] += timedelta(hours=2)
+        billing.sync.push_pending()
+    invitation = billing.invitations.get("acme", "cus_FLAKY", mode=Mode.TEST)
+    assert invitation is not None
+    assert (invitation.state, invitation.attempts) == (InvitationState.FAILED, MAX_ATTEMPTS)
+    assert mailer.attempts == MAX_ATTEMPTS

@@ -7,6 +7,7 @@ import email
 import email.policy
 import io
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -31,7 +32,7 @@ from rational_billing.adapters.mail import (
     SimulatedMailFailure,
     SMTPMailer,
 )
-from rational_billing.errors import ConfigError
+from rational_billing.errors import ConfigError, MailRejected
 
 SENDER = "Billing <billing@platform.test>"
 USER, PASSWORD = "mailer", "s3cret-pa55"
@@ -551,3 +552,48 @@ def test_recording_mailer_is_thread_safe() -> None:
     assert len(mailer.sent) == 8 * 50 - 25
     assert mailer.attempts == 8 * 50
     assert len({s.email.message_id for s in mailer.sent}) == len(mailer.sent)
+
+
+class _RefusingRecipients(Collector):
+    """An SMTP handler that answers every RCPT with a fixed reply."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__()
+        self.reply = reply
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        return self.reply
+
+
+@contextmanager
+def _refusing_server(reply: str) -> Iterator[Controller]:
+    controller = Controller(
+        _RefusingRecipients(reply),
+        hostname="127.0.0.1",
+        port=free_port(),
+        server_hostname="localhost",
+        ready_timeout=10.0,
+    )
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+def test_smtp_permanent_refusal_raises_mail_rejected() -> None:
+    """A 550 for the recipient is a MailRejected: retrying cannot help."""
+    with _refusing_server("550 5.1.1 no such user") as controller:
+        mailer = SMTPMailer(controller.hostname, controller.port, sender=SENDER)
+        with pytest.raises(MailRejected, match="for good"):
+            mailer.send(make_email(), mode=Mode.TEST)
+
+
+def test_smtp_temporary_refusal_is_an_ordinary_failure_to_retry() -> None:
+    """A 450 for the recipient raises smtplib's refusal (an OSError), not MailRejected."""
+    with _refusing_server("450 4.2.1 mailbox busy, try later") as controller:
+        mailer = SMTPMailer(controller.hostname, controller.port, sender=SENDER)
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            mailer.send(make_email(), mode=Mode.TEST)

@@ -21,6 +21,7 @@ library means to raise, and nothing else::
     │   ├── StripeCustomerNotFound  absent in that account and mode, or deleted
     │   └── StripeProductNotFound   absent in that account and mode, or deleted
     ├── StripeObjectError           a Stripe object lacks a field we need (also a ValueError)
+    ├── MailRejected                the mail server refused an email for good
     └── StorageError                the storage backend failed
 
 Errors carry context (tenant, mode, Stripe request id) as attributes. They never
@@ -55,6 +56,7 @@ __all__ = [
     "StripeProductNotFound",
     "StripeObjectError",
     "StorageError",
+    "MailRejected",
 ]
 
 
@@ -204,6 +206,14 @@ class StripeObjectError(BillingError, ValueError):
 
     Webhook handlers record such an event as ignored, with this message as the
     reason, and change nothing.
+    """
+
+
+class MailRejected(BillingError):
+    """The mail server refused the message for good (an SMTP 5xx); retrying cannot help.
+
+    A `Mailer` raises it to say "do not try again"; any other exception means
+    "not sent, try later".
     """
 
 

@@ -25,7 +25,7 @@ from email.utils import format_datetime, parseaddr
 from typing import Literal, NamedTuple, TextIO, get_args
 
 from .._config import Mode
-from ..errors import ConfigError
+from ..errors import ConfigError, MailRejected
 from ..ports import Email
 
 __all__ = [
@@ -277,6 +277,8 @@ class SMTPMailer:
         """Send ``email`` over one SMTP connection.
 
         Raises:
+            MailRejected: the server refused the recipient, sender or message
+                with a permanent (5xx) reply: sending again cannot help.
             OSError: the server could not be reached, TLS failed, the login or
                 the message was refused (``smtplib.SMTPException`` and
                 ``ssl.SSLError`` are ``OSError`` subclasses); the email was
@@ -290,7 +292,18 @@ class SMTPMailer:
                 smtp.starttls(context=self._context())
             if self.username is not None and self._password is not None:
                 smtp.login(self.username, self._password)
-            smtp.send_message(message)
+            try:
+                smtp.send_message(message)
+            except smtplib.SMTPRecipientsRefused as exc:
+                if all(_permanent(code) for code, _ in exc.recipients.values()):
+                    raise MailRejected(f"the server refused {email.to!r} for good") from exc
+                raise
+            except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+                if _permanent(exc.smtp_code):
+                    raise MailRejected(
+                        f"the server refused the message for good ({exc.smtp_code})"
+                    ) from exc
+                raise
         finally:
             _hang_up(smtp)
 
@@ -306,6 +319,11 @@ class SMTPMailer:
             # Built on first use, not at construction: it reads the CA store.
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
+
+
+def _permanent(code: int) -> bool:
+    """SMTP 5xx replies are permanent; 4xx ones are worth another try."""
+    return 500 <= code < 600
 
 
 def _hang_up(smtp: smtplib.SMTP) -> None:

@@ -363,6 +363,7 @@ class InvitationState(enum.Enum):
     PENDING = "pending"  # to be sent, at ``next_attempt_at`` when set
     SENT = "sent"
     NO_EMAIL = "no_email"  # the Stripe customer has no email address: nothing to send
+    FAILED = "failed"  # refused for good, or out of attempts: see ``last_error``
 
 
 @attrs.frozen

@@ -36,7 +36,7 @@ import attrs
 
 from .._config import Mode
 from ..domain.models import Customer, Invitation, InvitationState
-from ..errors import ConfigError
+from ..errors import ConfigError, MailRejected
 from ..ports import Clock, Email, Mailer, Storage, Transaction
 from ._validate import check_local_id, check_mode, check_stripe_id
 
@@ -54,6 +54,9 @@ log = logging.getLogger("rational_billing.invitations")
 #: How long a sender holds an invitation before another one may try it.
 _LEASE = timedelta(minutes=10)
 _MAX_BACKOFF = timedelta(hours=1)
+#: Attempts before an invitation that keeps failing is marked failed: with the
+#: backoff (2 s doubling, at most 1 h apart) that is about a day of trying.
+MAX_ATTEMPTS = 30
 _DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?$")
 _PLACEHOLDERS = ("name", "email", "tenant", "customer_id", "mode", "signup_url")
 
@@ -333,25 +336,38 @@ class InvitationService:
     def _failed(self, invitation: Invitation, exc: BaseException) -> None:
         attempts = invitation.attempts + 1
         message = f"{type(exc).__name__}: {exc}"[:1000]
+        # A refusal for good, or a mailer that keeps failing, ends the retries:
+        # the row stays, visible as failed with its error (never retried forever).
+        final = isinstance(exc, MailRejected) or attempts >= MAX_ATTEMPTS
         with self._storage.transaction() as tx:
             current = tx.get_invitation(
                 invitation.tenant, invitation.mode, invitation.stripe_customer_id
             )
             if current is None or current.state is not InvitationState.PENDING:
                 return
-            tx.put_invitation(
-                attrs.evolve(
+            if final:
+                updated = attrs.evolve(
+                    current,
+                    state=InvitationState.FAILED,
+                    attempts=attempts,
+                    last_error=message,
+                    next_attempt_at=None,
+                )
+            else:
+                updated = attrs.evolve(
                     current,
                     attempts=attempts,
                     last_error=message,
                     next_attempt_at=self._clock() + _backoff(attempts),
                 )
-            )
-        log.warning(
-            "invitation %s for %s/%s not sent (attempt %d), will retry: %s",
+            tx.put_invitation(updated)
+        log.log(
+            logging.ERROR if final else logging.WARNING,
+            "invitation %s for %s/%s not sent (attempt %d), %s: %s",
             invitation.message_id,
             invitation.tenant,
             invitation.customer_id,
             attempts,
+            "giving up" if final else "will retry",
             message,
         )
