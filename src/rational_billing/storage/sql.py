@@ -370,12 +370,38 @@ def _references_and_product_index_v4(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"CREATE INDEX {name}_v4 ON {table_name} ({columns})"))
 
 
+#: The outcomes that `events_with_outcome` finds through an index from version 5:
+#: events waiting for something (a connection, a retry, a worker), which are few.
+#: Every other outcome is final; listing those walks the events in received order.
+_WAITING_OUTCOMES: Final = (EventOutcome.HELD, EventOutcome.FAILED, EventOutcome.PENDING)
+
+
+def _waiting_events_index_v5(conn: sa.Connection) -> None:
+    """Version 5: one partial index for waiting events instead of two over every event.
+
+    Versions 1-4 indexed every event twice by outcome, so each webhook wrote
+    two more index pages (a bigger WAL frame set to fsync on SQLite) for
+    lookups that only ever ask for held, failed or pending events. Queries
+    name the outcome as a literal, so both backends can use the partial index.
+    """
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_rb_events_outcome"))
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_rb_events_outcome_account"))
+    waiting = " OR ".join(f"outcome = '{o.value}'" for o in _WAITING_OUTCOMES)
+    conn.execute(
+        sa.text(
+            "CREATE INDEX ix_rb_events_waiting ON rb_events "
+            f"(outcome, account, received_us, event_id) WHERE {waiting}"
+        )
+    )
+
+
 #: Step N brings the schema from version N-1 to N. Released steps never change.
 _MIGRATIONS: tuple[Callable[[sa.Connection], None], ...] = (
     _create_tables_v1,
     _events_inbox_v2,
     _connections_and_invitations_v3,
     _references_and_product_index_v4,
+    _waiting_events_index_v5,
 )
 
 _KIND_NAMES: Final[Mapping[type[Any], str]] = {
@@ -590,13 +616,18 @@ class _Queries:
             .where(e.c.event_id == _p("event_id"))
             .values(payload=sa.func.coalesce(e.c.payload, body))
         )
-        by_outcome = (
-            event.where(e.c.outcome == _p("outcome"))
-            .order_by(e.c.received_us, e.c.event_id)
-            .limit(limit)
-        )
-        self.events_with_outcome = by_outcome
-        self.events_with_outcome_for = by_outcome.where(e.c.account == _p("account"))
+        # The outcome is written into the SQL (one statement per outcome) so that
+        # the partial index of waiting events (version 5) can serve it.
+        self.events_with_outcome: dict[EventOutcome, sa.Select[Any]] = {}
+        self.events_with_outcome_for: dict[EventOutcome, sa.Select[Any]] = {}
+        for outcome in EventOutcome:
+            by_outcome = (
+                event.where(e.c.outcome == sa.literal_column(f"'{outcome.value}'"))
+                .order_by(e.c.received_us, e.c.event_id)
+                .limit(limit)
+            )
+            self.events_with_outcome[outcome] = by_outcome
+            self.events_with_outcome_for[outcome] = by_outcome.where(e.c.account == _p("account"))
         # The inbox: due_us is set only while an event is pending or awaits a
         # retry, so the claim walks the index in due order and nothing else.
         self.due_events = (
@@ -980,11 +1011,11 @@ class _SQLTransaction:
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
     ) -> Sequence[ProcessedEvent]:
-        params = {"k_outcome": outcome.value, "k_limit": limit}
-        stmt = self._q.events_with_outcome
+        params: dict[str, Any] = {"k_limit": limit}
+        stmt = self._q.events_with_outcome[outcome]
         if account is not None:
             params["k_account"] = account
-            stmt = self._q.events_with_outcome_for
+            stmt = self._q.events_with_outcome_for[outcome]
         return [_load_event(row) for row in self._run(stmt, params)]
 
     def lock_event(self, event_id: str) -> ProcessedEvent | None:

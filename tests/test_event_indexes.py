@@ -1,0 +1,118 @@
+"""Schema version 5: waiting events (held, failed, pending) have an index; final ones do not."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from rational_billing._config import Mode
+from rational_billing.domain.models import EventOutcome, ProcessedEvent
+from rational_billing.storage import sql as sql_module
+from rational_billing.storage.sql import SQLStorage
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _event(event_id: str, outcome: EventOutcome, account: str | None, n: int) -> ProcessedEvent:
+    return ProcessedEvent(
+        event_id=event_id,
+        type="invoice.paid",
+        mode=Mode.TEST,
+        created=T0,
+        outcome=outcome,
+        tenant=None,
+        account=account,
+        received_at=T0 + timedelta(seconds=n),
+        payload=b"{}",
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """The path of a SQLite file that does not exist yet."""
+    return tmp_path / "billing.db"
+
+
+def _indexes(path: Path) -> set[str]:
+    with sqlite3.connect(path) as raw:
+        rows = raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    raw.close()
+    return {name for (name,) in rows}
+
+
+def _store(storage: SQLStorage, events: list[ProcessedEvent]) -> None:
+    with storage.transaction() as tx:
+        for event in events:
+            assert tx.record_event(event)
+
+
+def test_upgrade_from_version_4_keeps_held_events_findable(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version 4 database upgraded to 5 swaps the outcome indexes and still finds held events."""
+    monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:4])
+    old = SQLStorage(f"sqlite:///{db}")
+    events = [
+        _event("evt_h2", EventOutcome.HELD, "acct_1", 2),
+        _event("evt_a", EventOutcome.APPLIED, "acct_1", 1),
+        _event("evt_h1", EventOutcome.HELD, "acct_1", 1),
+        _event("evt_h3", EventOutcome.HELD, "acct_2", 3),
+        _event("evt_f", EventOutcome.FAILED, None, 4),
+    ]
+    _store(old, events)
+    old.close()
+    assert {"ix_rb_events_outcome", "ix_rb_events_outcome_account"} <= _indexes(db)
+    monkeypatch.undo()
+
+    storage = SQLStorage(f"sqlite:///{db}")
+    try:
+        with storage.transaction() as tx:
+            held = [e.event_id for e in tx.events_with_outcome(EventOutcome.HELD)]
+            mine = [e.event_id for e in tx.events_with_outcome(EventOutcome.HELD, account="acct_1")]
+            failed = [e.event_id for e in tx.events_with_outcome(EventOutcome.FAILED)]
+            applied = [e.event_id for e in tx.events_with_outcome(EventOutcome.APPLIED)]
+    finally:
+        storage.close()
+    assert held == ["evt_h1", "evt_h2", "evt_h3"]
+    assert mine == ["evt_h1", "evt_h2"]
+    assert failed == ["evt_f"]
+    assert applied == ["evt_a"]
+    indexes = _indexes(db)
+    assert "ix_rb_events_waiting" in indexes
+    assert not {"ix_rb_events_outcome", "ix_rb_events_outcome_account"} & indexes
+    with sqlite3.connect(db) as raw:
+        versions = [v for (v,) in raw.execute("SELECT version FROM rb_schema_version")]
+    raw.close()
+    assert versions == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("outcome", [EventOutcome.HELD, EventOutcome.FAILED, EventOutcome.PENDING])
+def test_waiting_events_are_looked_up_through_the_partial_index(
+    db: Path, outcome: EventOutcome
+) -> None:
+    """Held, failed and pending events of an account are found by the index, not a table scan."""
+    storage = SQLStorage(f"sqlite:///{db}")
+    try:
+        _store(storage, [_event("evt_1", outcome, "acct_1", 1)])
+        with storage.transaction() as tx:
+            found = tx.events_with_outcome(outcome, account="acct_1")
+            conn = tx._conn.connection.dbapi_connection  # type: ignore[attr-defined]
+            form = sql_module._driver_form(
+                storage._queries.events_with_outcome_for[outcome],
+                frozenset({"k_limit", "k_account"}),
+                tx._conn.dialect,  # type: ignore[attr-defined]
+            )
+            assert form is not None
+            args = {"k_limit": 10, "k_account": "acct_1", **(form.defaults or {})}
+            params = tuple(args[n] for n in form.positions) if form.positions else args
+            plan = " ".join(
+                row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {form.sql}", params)
+            )
+    finally:
+        storage.close()
+    assert [e.event_id for e in found] == ["evt_1"]
+    assert "ix_rb_events_waiting" in plan
+    assert "TEMP B-TREE" not in plan
