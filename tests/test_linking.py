@@ -6,6 +6,7 @@ mode's secret key and, on mutating calls, an idempotency key.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -459,3 +460,66 @@ def test_live_link_without_live_keys_is_refused_before_any_call() -> None:
         billing.customers.link("acme", "c1", mode=Mode.LIVE, stripe_customer_id="cus_A")
     assert raised.value.mode is Mode.LIVE
     assert _snapshot(billing) == before
+
+
+class _SlowRetrieve:
+    """A Stripe port whose customer retrieve waits until every linking thread has fetched."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = threading.Barrier(parties, timeout=20)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """GET returns the customer once all threads are here; POSTs (tags) just succeed."""
+        stripe_id = path.rsplit("/", 1)[-1]
+        if method == "GET":
+            self._barrier.wait()
+        return build_customer(id=stripe_id)
+
+    def list_all(self, *args: Any, **kwargs: Any) -> Any:
+        """Nothing to list."""
+        return iter(())
+
+
+def test_concurrent_links_to_one_stripe_customer_on_postgres_leave_one_winner(
+    pg_storage_url: str,
+) -> None:
+    """Two customers linking the same Stripe customer at once: one links, the other gets AlreadyLinked."""
+    from rational_billing.storage.sql import SQLStorage
+
+    config = BillingConfig(test=ModeKeys(secret_key=KEYS[Mode.TEST], webhook_secrets=("whsec_t",)))
+    storage = SQLStorage(pg_storage_url)
+    billing = Billing(
+        config=config,
+        storage=storage,
+        mailer=RecordingMailer(),
+        clock=lambda: T0,
+        stripe=_SlowRetrieve(2),
+    )
+    try:
+        billing.tenants.connect("acme", ACCOUNT, modes=frozenset({Mode.TEST}))
+        ids = [billing.customers.create("acme", email=f"{n}@example.com").id for n in "ab"]
+        outcomes: dict[str, BaseException | None] = {}
+
+        def link(customer_id: str) -> None:
+            try:
+                billing.customers.link(
+                    "acme", customer_id, mode=Mode.TEST, stripe_customer_id="cus_RACE"
+                )
+                outcomes[customer_id] = None
+            except BaseException as exc:
+                outcomes[customer_id] = exc
+
+        threads = [threading.Thread(target=link, args=(cid,)) for cid in ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        winners = [cid for cid, exc in outcomes.items() if exc is None]
+        losers = [exc for exc in outcomes.values() if exc is not None]
+        assert len(winners) == 1
+        assert len(losers) == 1
+        assert isinstance(losers[0], AlreadyLinked), repr(losers[0])
+        linked = [billing.customers.get("acme", cid).link for cid in ids]
+        assert linked.count(None) == 1
+    finally:
+        storage.close()

@@ -37,6 +37,7 @@ from ..errors import (
     InvalidArgument,
     NotLinked,
     RemapConfirmationRequired,
+    StorageError,
     StripeAPIError,
     StripeCustomerNotFound,
     TenantNotConnected,
@@ -340,19 +341,28 @@ class CustomerService:
                 return customer
             self._check_linkable(tx, customer, target, confirm_remap)
         remote = self._retrieve(record, wanted, stripe_customer_id)
-        with self._storage.transaction() as tx:
-            self._require_billing_tenant(tx, tenant, wanted)
-            customer = find_customer(tx, tenant, customer_id, lock=True)
-            if customer.link == target:
-                return customer
-            self._check_linkable(tx, customer, target, confirm_remap)
-            if customer.link is not None:
-                tx.put_outbox(self._tag_entry(customer, customer.link, _CLEAR_TAG))
-            tag = {"rational_customer_id": customer.id, "rational_tenant": tenant}
-            if _own_tag(remote) != tag:
-                tx.put_outbox(self._tag_entry(customer, target, tag))
-            linked = attrs.evolve(customer, link=target, stripe_marker=_floor(self._clock()))
-            tx.put_customer(attrs.evolve(linked, sync_state=settled_state(tx, linked)))
+        try:
+            with self._storage.transaction() as tx:
+                self._require_billing_tenant(tx, tenant, wanted)
+                customer = find_customer(tx, tenant, customer_id, lock=True)
+                if customer.link == target:
+                    return customer
+                self._check_linkable(tx, customer, target, confirm_remap)
+                if customer.link is not None:
+                    tx.put_outbox(self._tag_entry(customer, customer.link, _CLEAR_TAG))
+                tag = {"rational_customer_id": customer.id, "rational_tenant": tenant}
+                if _own_tag(remote) != tag:
+                    tx.put_outbox(self._tag_entry(customer, target, tag))
+                linked = attrs.evolve(customer, link=target, stripe_marker=_floor(self._clock()))
+                tx.put_customer(attrs.evolve(linked, sync_state=settled_state(tx, linked)))
+        except StorageError as exc:
+            # Another customer took the same Stripe customer in a concurrent
+            # transaction, and the unique index refused ours: say so plainly.
+            with self._storage.transaction() as tx:
+                holder = tx.customer_by_link(tenant, wanted, stripe_customer_id)
+            if holder is None or holder.id == customer_id:
+                raise
+            raise _already_linked(tenant, target, holder.id) from exc
         log.info(
             "customer %s/%s linked to %s (%s mode)",
             tenant,
@@ -506,13 +516,7 @@ class CustomerService:
     ) -> None:
         holder = tx.customer_by_link(customer.tenant, target.mode, target.stripe_customer_id)
         if holder is not None and holder.id != customer.id:
-            raise AlreadyLinked(
-                f"Stripe customer {target.stripe_customer_id} ({target.mode.value} mode) is "
-                f"already linked to customer {holder.id!r} of tenant {customer.tenant!r}",
-                tenant=customer.tenant,
-                stripe_customer_id=target.stripe_customer_id,
-                customer_id=holder.id,
-            )
+            raise _already_linked(customer.tenant, target, holder.id)
         if _pending(tx, customer, CREATE_CUSTOMER):
             raise InvalidArgument(
                 f"customer {customer.id!r} is still being created in Stripe "
@@ -791,6 +795,16 @@ def _pending(tx: Transaction, customer: Customer, operation: str) -> bool:
 def _value(customer: Customer, field: str) -> Any:
     value = getattr(customer, field)
     return dict(value) if field == "metadata" else value
+
+
+def _already_linked(tenant: str, target: CustomerLink, holder_id: str) -> AlreadyLinked:
+    return AlreadyLinked(
+        f"Stripe customer {target.stripe_customer_id} ({target.mode.value} mode) is "
+        f"already linked to customer {holder_id!r} of tenant {tenant!r}",
+        tenant=tenant,
+        stripe_customer_id=target.stripe_customer_id,
+        customer_id=holder_id,
+    )
 
 
 def _floor(moment: datetime) -> datetime:
