@@ -37,13 +37,14 @@ import multiprocessing
 import pickle
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import _events
 import _pg
@@ -57,6 +58,7 @@ TOLERANCE = 24 * 3600  # the deliveries are signed once, before the run
 WORKERS = 4
 BATCH = 50
 MARKED_TYPE = "invoice.paid"
+T = TypeVar("T")
 
 
 # -- results ---------------------------------------------------------------------------
@@ -127,12 +129,28 @@ def _floor_parse(delivery: Delivery, key: bytes) -> dict[str, Any]:
     return event
 
 
-def floor_parse(stream: list[Delivery]) -> Result:
-    key = SECRET.encode()
-    start = time.perf_counter()
-    for delivery in stream:
-        _floor_parse(delivery, key)
-    return Result("floor: parse + HMAC + json.loads", len(stream), time.perf_counter() - start)
+def _blocks(deliveries: list[Delivery], rounds: int) -> list[list[Delivery]]:
+    """``deliveries`` in ``rounds`` consecutive blocks, in stream order."""
+    n = len(deliveries)
+    return [deliveries[n * i // rounds : n * (i + 1) // rounds] for i in range(rounds)]
+
+
+class FloorParse:
+    name = "floor: parse + HMAC + json.loads"
+
+    def __init__(self, stream: list[Delivery], rounds: int) -> None:
+        self.blocks = _blocks(stream, rounds)
+        self.key = SECRET.encode()
+
+    def run(self, block: int) -> float:
+        key = self.key
+        start = time.perf_counter()
+        for delivery in self.blocks[block]:
+            _floor_parse(delivery, key)
+        return time.perf_counter() - start
+
+    def finish(self) -> str:
+        return ""
 
 
 _SQLITE_SCHEMA = (
@@ -148,46 +166,57 @@ _UPSERT_OBJECT = (
 )
 
 
-def floor_sqlite(stream: list[Delivery], folder: Path) -> Result:
-    key = SECRET.encode()
-    conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    for ddl in _SQLITE_SCHEMA:
-        conn.execute(ddl)
-    insert, upsert = _INSERT_EVENT.format("?"), _UPSERT_OBJECT.format("?")
-    start = time.perf_counter()
-    for delivery in stream:
-        event = _floor_parse(delivery, key)
-        conn.execute("BEGIN IMMEDIATE")
-        if conn.execute(insert, (event["id"],)).rowcount == 1:
-            obj = event["data"]["object"]
-            params = (event.get("account") or "", obj["id"], event["created"], json.dumps(obj))
-            conn.execute(upsert, params)
-        conn.execute("COMMIT")
-    seconds = time.perf_counter() - start
-    conn.close()
-    return Result("floor: raw sqlite3, tx per delivery", len(stream), seconds)
+class FloorSQLite:
+    """Parse, then one transaction per delivery through raw sqlite3 on a WAL file."""
+
+    name = "floor: raw sqlite3, tx per delivery"
+
+    def __init__(self, stream: list[Delivery], rounds: int, folder: Path) -> None:
+        self.blocks = _blocks(stream, rounds)
+        self.key = SECRET.encode()
+        self.conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        for ddl in _SQLITE_SCHEMA:
+            self.conn.execute(ddl)
+        self.insert, self.upsert = _INSERT_EVENT.format("?"), _UPSERT_OBJECT.format("?")
+
+    def run(self, block: int) -> float:
+        conn, key, insert, upsert = self.conn, self.key, self.insert, self.upsert
+        start = time.perf_counter()
+        for delivery in self.blocks[block]:
+            event = _floor_parse(delivery, key)
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute(insert, (event["id"],)).rowcount == 1:
+                obj = event["data"]["object"]
+                params = (event.get("account") or "", obj["id"], event["created"], json.dumps(obj))
+                conn.execute(upsert, params)
+            conn.execute("COMMIT")
+        return time.perf_counter() - start
+
+    def finish(self) -> str:
+        self.conn.close()
+        return ""
 
 
-def _pg_floor_worker(url: str, path: Path, barrier: Any, queue: Any) -> None:
+def _pg_floor_worker(url: str, path: Path, rounds: int, control: _Control) -> None:
     import psycopg
 
-    deliveries = _load(path)
+    blocks = _blocks(_load(path), rounds)
     key = SECRET.encode()
     insert, upsert = _INSERT_EVENT.format("%s"), _UPSERT_OBJECT.format("%s")
     retries = 0
     with psycopg.connect(_pg.libpq(url)) as conn:
-        barrier.wait()
-        for i in range(0, len(deliveries), BATCH):
-            while True:
-                try:
-                    _pg_floor_batch(conn, deliveries[i : i + BATCH], key, insert, upsert)
-                    break
-                except psycopg.errors.DeadlockDetected:
-                    # Batches of 4 processes holding inserted ids can deadlock;
-                    # any real implementation retries the batch, and so does the floor.
-                    retries += 1
-        queue.put({"end": time.monotonic(), "retries": retries})
+        for deliveries in control.blocks(blocks):
+            for i in range(0, len(deliveries), BATCH):
+                while True:
+                    try:
+                        _pg_floor_batch(conn, deliveries[i : i + BATCH], key, insert, upsert)
+                        break
+                    except psycopg.errors.DeadlockDetected:
+                        # Batches of 4 processes holding inserted ids can deadlock;
+                        # any real implementation retries the batch, and so does the floor.
+                        retries += 1
+    control.report({"retries": retries})
 
 
 def _pg_floor_batch(
@@ -203,17 +232,20 @@ def _pg_floor_batch(
                     conn.execute(upsert, (account, obj["id"], event["created"], json.dumps(obj)))
 
 
-def floor_pg(cluster: str, paths: list[Path], total: int) -> Result:
+def floor_pg(cluster: str, paths: list[Path], rounds: int) -> Pool:
     import psycopg
 
     url = _pg.new_database(cluster)
     with psycopg.connect(_pg.libpq(url), autocommit=True) as conn:
         for ddl in _SQLITE_SCHEMA:
             conn.execute(ddl.replace("INTEGER", "BIGINT"))
-    seconds, results = _parallel(_pg_floor_worker, [(url, path) for path in paths])
-    retries = sum(r["retries"] for r in results)
-    notes = f"batches retried after a deadlock: {retries}" if retries else ""
-    return Result(f"floor: raw psycopg, {WORKERS} procs", total, seconds, notes=notes)
+
+    def summary(results: list[dict[str, Any]]) -> str:
+        retries = sum(r["retries"] for r in results)
+        return f"batches retried after a deadlock: {retries}" if retries else ""
+
+    name = f"floor: raw psycopg, {WORKERS} procs"
+    return Pool(name, _pg_floor_worker, [(url, path, rounds) for path in paths], summary)
 
 
 # -- our side: one Billing, as a host app would wire it -------------------------------------
@@ -357,74 +389,68 @@ def _check(billing: Billing, unique: list[Delivery], summaries: list[dict[str, A
     return text + (f" (first: {first})" if first else "")
 
 
-def ours_memory(stream: list[Delivery], unique: list[Delivery], floor: Result) -> Result:
-    ours = _ours(InMemoryStorage())
-    _setup(ours.billing)
-    handle = ours.billing.webhooks.handle
-    start = time.perf_counter()
-    for delivery in stream:
-        handle(delivery.payload, delivery.headers)
-    seconds = time.perf_counter() - start
-    notes = _check(ours.billing, unique, [ours.summary()])
-    return Result("ours: handle(), InMemoryStorage", len(stream), seconds, floor, "<=3x", notes)
+class OursInProcess:
+    """``billing.webhooks.handle()`` in this process, on the storage given."""
+
+    def __init__(
+        self, name: str, storage: Any, stream: list[Delivery], unique: list[Delivery], rounds: int
+    ) -> None:
+        self.name = name
+        self.blocks = _blocks(stream, rounds)
+        self.unique = unique
+        self.ours = _ours(storage)
+        _setup(self.ours.billing)
+
+    def run(self, block: int) -> float:
+        handle = self.ours.billing.webhooks.handle
+        start = time.perf_counter()
+        for delivery in self.blocks[block]:
+            handle(delivery.payload, delivery.headers)
+        return time.perf_counter() - start
+
+    def finish(self) -> str:
+        notes = _check(self.ours.billing, self.unique, [self.ours.summary()])
+        self.ours.billing.close()
+        return notes
 
 
-def ours_sqlite(
-    stream: list[Delivery], unique: list[Delivery], floor: Result, folder: Path
-) -> Result:
+def _worker_billing(url: str) -> _Ours:
     from rational_billing.storage.sql import SQLStorage
 
-    ours = _ours(SQLStorage(f"sqlite:///{folder / 'ours.db'}"))
-    _setup(ours.billing)
-    handle = ours.billing.webhooks.handle
-    start = time.perf_counter()
-    for delivery in stream:
-        handle(delivery.payload, delivery.headers)
-    seconds = time.perf_counter() - start
-    notes = _check(ours.billing, unique, [ours.summary()])
-    ours.billing.close()
-    return Result("ours: handle(), SQLite file", len(stream), seconds, floor, ">=60%", notes)
-
-
-def _pg_handle_worker(url: str, path: Path, barrier: Any, queue: Any) -> None:
-    from rational_billing.storage.sql import SQLStorage
-
-    deliveries = _load(path)
     ours = _ours(SQLStorage(url))
-    handle = ours.billing.webhooks.handle
     with ours.billing.storage.transaction() as tx:  # connect and check the schema first
         tx.direct_tenant()
-    barrier.wait()
-    statuses = Counter(handle(d.payload, d.headers).status_code for d in deliveries)
-    queue.put({"end": time.monotonic(), "statuses": statuses, **ours.summary()})
+    return ours
+
+
+def _pg_handle_worker(url: str, path: Path, rounds: int, control: _Control) -> None:
+    ours = _worker_billing(url)
+    handle = ours.billing.webhooks.handle
+    statuses: Counter[int] = Counter()
+    for deliveries in control.blocks(_blocks(_load(path), rounds)):
+        statuses.update(handle(d.payload, d.headers).status_code for d in deliveries)
+    control.report({"statuses": statuses, **ours.summary()})
     ours.billing.close()
 
 
-def _pg_receive_worker(url: str, path: Path, barrier: Any, queue: Any) -> None:
-    from rational_billing.storage.sql import SQLStorage
-
-    deliveries = _load(path)
-    ours = _ours(SQLStorage(url))
+def _pg_receive_worker(url: str, path: Path, rounds: int, control: _Control) -> None:
+    ours = _worker_billing(url)
     receive = ours.billing.webhooks.receive
-    with ours.billing.storage.transaction() as tx:
-        tx.direct_tenant()
-    barrier.wait()
-    statuses = Counter(receive(d.payload, d.headers).status_code for d in deliveries)
-    queue.put({"end": time.monotonic(), "statuses": statuses, **ours.summary()})
+    statuses: Counter[int] = Counter()
+    for deliveries in control.blocks(_blocks(_load(path), rounds)):
+        statuses.update(receive(d.payload, d.headers).status_code for d in deliveries)
+    control.report({"statuses": statuses, **ours.summary()})
     ours.billing.close()
 
 
-def _pg_process_worker(url: str, _path: Path, barrier: Any, queue: Any) -> None:
-    from rational_billing.storage.sql import SQLStorage
-
-    ours = _ours(SQLStorage(url))
-    with ours.billing.storage.transaction() as tx:
-        tx.direct_tenant()
-    barrier.wait()
+def _pg_process_worker(url: str, _path: Path, rounds: int, control: _Control) -> None:
+    ours = _worker_billing(url)
     processed = 0
-    while taken := ours.billing.webhooks.process_pending(BATCH):
-        processed += taken
-    queue.put({"end": time.monotonic(), "processed": processed, **ours.summary()})
+    for _ in control.blocks([None] * rounds):
+        # Each round applies what that round's receivers stored, until nothing is due.
+        while taken := ours.billing.webhooks.process_pending(BATCH):
+            processed += taken
+    control.report({"processed": processed, **ours.summary()})
     ours.billing.close()
 
 
@@ -437,44 +463,58 @@ def _prepared_database(cluster: str) -> tuple[str, Billing]:
     return url, billing
 
 
-def ours_pg(
-    cluster: str, paths: list[Path], total: int, unique: list[Delivery], floor: Result
-) -> Result:
+def ours_pg(cluster: str, paths: list[Path], rounds: int, unique: list[Delivery]) -> Pool:
     url, billing = _prepared_database(cluster)
-    seconds, results = _parallel(_pg_handle_worker, [(url, path) for path in paths])
-    statuses: Counter[int] = sum((r["statuses"] for r in results), Counter())
-    notes = f"statuses {dict(statuses)}; " + _check(billing, unique, results)
-    billing.close()
-    return Result(f"ours: handle(), {WORKERS} procs, PG", total, seconds, floor, ">=60%", notes)
+
+    def summary(results: list[dict[str, Any]]) -> str:
+        statuses: Counter[int] = sum((r["statuses"] for r in results), Counter())
+        notes = f"statuses {dict(statuses)}; " + _check(billing, unique, results)
+        billing.close()
+        return notes
+
+    name = f"ours: handle(), {WORKERS} procs, PG"
+    return Pool(name, _pg_handle_worker, [(url, path, rounds) for path in paths], summary)
 
 
-def ours_inbox(
-    cluster: str, paths: list[Path], total: int, unique: list[Delivery], floor: Result
-) -> list[Result]:
-    url, billing = _prepared_database(cluster)
-    received, results = _parallel(_pg_receive_worker, [(url, path) for path in paths])
-    statuses: Counter[int] = sum((r["statuses"] for r in results), Counter())
-    processed, work = _parallel(_pg_process_worker, [(url, path) for path in paths])
-    applied = sum(r["processed"] for r in work)
-    notes = f"receive statuses {dict(statuses)}; workers took {applied} events; " + _check(
-        billing, unique, work
-    )
-    billing.close()
-    return [
-        Result(f"ours: receive(), {WORKERS} procs, PG", total, received),
-        Result(f"ours: process_pending(), {WORKERS} workers", applied, processed),
-        Result(
-            "ours: inbox end to end (both)",
-            total,
-            received + processed,
-            floor,
-            ">=60%",
-            notes,
-        ),
-    ]
+class Inbox:
+    """``receive()`` in 4 processes, then ``process_pending()`` in 4 workers, per round."""
+
+    def __init__(self, cluster: str, paths: list[Path], rounds: int, unique: list[Delivery]):
+        url, self.billing = _prepared_database(cluster)
+        self.unique = unique
+        self.name = "ours: inbox end to end (both)"
+        args = [(url, path, rounds) for path in paths]
+        self.received: list[dict[str, Any]] = []
+        self.receivers = Pool(
+            f"ours: receive(), {WORKERS} procs, PG", _pg_receive_worker, args, self.received.extend
+        )
+        self.workers = Pool(
+            f"ours: process_pending(), {WORKERS} workers", _pg_process_worker, args, self._check
+        )
+        self.receive_s = self.process_s = 0.0
+
+    def _check(self, results: list[dict[str, Any]]) -> str:
+        statuses: Counter[int] = sum((r["statuses"] for r in self.received), Counter())
+        applied = sum(r["processed"] for r in results)
+        return f"receive statuses {dict(statuses)}; workers took {applied} events; " + _check(
+            self.billing, self.unique, results + self.received
+        )
+
+    def run(self, block: int) -> float:
+        received = self.receivers.run(block)
+        processed = self.workers.run(block)
+        self.receive_s += received
+        self.process_s += processed
+        return received + processed
+
+    def finish(self) -> str:
+        self.receivers.finish()
+        notes = self.workers.finish()
+        self.billing.close()
+        return notes
 
 
-# -- processes -------------------------------------------------------------------------------
+# -- processes ---------------------------------------------------------------------------
 
 
 def _save(deliveries: list[Delivery], path: Path) -> Path:
@@ -487,32 +527,118 @@ def _load(path: Path) -> list[Delivery]:
     return deliveries
 
 
-def _parallel(
-    target: Callable[..., None], args: list[tuple[Any, ...]]
-) -> tuple[float, list[dict[str, Any]]]:
-    """Run ``target`` in fresh processes released together; seconds until the last one ends."""
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(len(args) + 1)
-    queue = context.Queue()
-    processes = [context.Process(target=target, args=(*a, barrier, queue)) for a in args]
-    for process in processes:
-        process.start()
-    barrier.wait(timeout=600)
-    start = time.monotonic()
-    results: list[dict[str, Any]] = []
-    while len(results) < len(processes):
-        try:
-            results.append(queue.get(timeout=1))
-        except Empty:
-            if any(p.exitcode not in (None, 0) for p in processes):
-                for process in processes:
-                    process.kill()
-                raise RuntimeError("a benchmark process failed; see its traceback above") from None
-    for process in processes:
-        process.join(60)
-        if process.exitcode != 0:
-            raise RuntimeError(f"a benchmark process failed with exit code {process.exitcode}")
-    return max(r["end"] for r in results) - start, results
+class _Control:
+    """A worker's side of a `Pool`: wait for each round, run it, say when it is done."""
+
+    def __init__(self, go: Any, done: Any, queue: Any) -> None:
+        self.go, self.done, self.queue = go, done, queue
+
+    def blocks(self, blocks: list[T]) -> Iterator[T]:
+        self.go.wait()  # connected and loaded: ready
+        for block in blocks:
+            self.go.wait()
+            yield block
+            self.done.wait()
+
+    def report(self, summary: dict[str, Any]) -> None:
+        self.queue.put(summary)
+
+
+def _run_worker(target: Callable[..., None], args: tuple[Any, ...], control: _Control) -> None:
+    target(*args, control)
+
+
+class Pool:
+    """Worker processes that run one round each time `run` is called, all together.
+
+    The processes start (connect, load their slice) before the first round, so
+    a round times the work only: from releasing every worker to the last one
+    finishing.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: Callable[..., None],
+        args: list[tuple[Any, ...]],
+        summary: Callable[[list[dict[str, Any]]], str | None],
+    ) -> None:
+        self.name = name
+        self.summary = summary
+        context = multiprocessing.get_context("spawn")
+        self.go = context.Barrier(len(args) + 1)
+        self.done = context.Barrier(len(args) + 1)
+        self.queue = context.Queue()
+        self.processes = [
+            context.Process(
+                target=_run_worker, args=(target, a, _Control(self.go, self.done, self.queue))
+            )
+            for a in args
+        ]
+        for process in self.processes:
+            process.start()
+        self._wait(self.go)
+
+    def _wait(self, barrier: Any) -> None:
+        while True:
+            try:
+                barrier.wait(timeout=5)
+                return
+            except threading.BrokenBarrierError:
+                if any(p.exitcode not in (None, 0) for p in self.processes):
+                    self._kill()
+                    raise RuntimeError(
+                        f"{self.name}: a benchmark process failed; see its traceback above"
+                    ) from None
+                barrier.reset()
+
+    def _kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+    def run(self, block: int) -> float:
+        start = time.monotonic()
+        self._wait(self.go)
+        self._wait(self.done)
+        return time.monotonic() - start
+
+    def finish(self) -> str:
+        results: list[dict[str, Any]] = []
+        while len(results) < len(self.processes):
+            try:
+                results.append(self.queue.get(timeout=1))
+            except Empty:
+                if any(p.exitcode not in (None, 0) for p in self.processes):
+                    self._kill()
+                    raise RuntimeError(f"{self.name}: a benchmark process failed") from None
+        for process in self.processes:
+            process.join(60)
+        return self.summary(results) or ""
+
+
+class Phase(Protocol):
+    name: str
+
+    def run(self, block: int) -> float: ...
+
+    def finish(self) -> str: ...
+
+
+def interleaved(phases: Sequence[Phase], rounds: int) -> list[tuple[float, str]]:
+    """Run the phases round by round, alternating their order; each one's seconds and notes.
+
+    The machines here change speed by up to 2x within seconds, so phases
+    that ran one after the other would be compared under different
+    conditions. Each round runs every phase on its next block of the stream
+    (the order reversed every other round), so that a floor and our code see
+    the same machine.
+    """
+    seconds = [0.0] * len(phases)
+    for block in range(rounds):
+        order = range(len(phases)) if block % 2 == 0 else reversed(range(len(phases)))
+        for i in order:
+            seconds[i] += phases[i].run(block)
+    return [(spent, phase.finish()) for spent, phase in zip(seconds, phases, strict=True)]
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -522,8 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000, help="distinct events (20000)")
     parser.add_argument("--duplicates", type=float, default=0.3, help="share delivered twice (0.3)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL parts")
     args = parser.parse_args(argv)
+    rounds = args.rounds
 
     started = time.perf_counter()
     unique = _events.build(args.events)
@@ -534,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"built {len(unique)} signed events ({size:.0f} bytes on average, "
         f"{len(kinds)} types; most common: {', '.join(t for t, _ in kinds.most_common(4))}) "
         f"and a stream of {len(stream)} deliveries with {args.duplicates:.0%} redelivered, "
-        f"in {time.perf_counter() - started:.1f}s"
+        f"in {time.perf_counter() - started:.1f}s; each pair below is measured in "
+        f"{rounds} interleaved rounds"
     )
     results: list[Result] = []
 
@@ -543,12 +672,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  measured {result.name}: {result.rate:.0f}/s", flush=True)
         results.extend(phase)
 
+    from rational_billing.storage.sql import SQLStorage
+
     with tempfile.TemporaryDirectory(prefix="rb-bench-") as tmp:
         folder = Path(tmp)
-        parse = floor_parse(stream)
-        measured(parse, ours_memory(stream, unique, parse))
-        sqlite_floor = floor_sqlite(stream, folder)
-        measured(sqlite_floor, ours_sqlite(stream, unique, sqlite_floor, folder))
+        n = len(stream)
+        parse = FloorParse(stream, rounds)
+        memory = OursInProcess(
+            "ours: handle(), InMemoryStorage", InMemoryStorage(), stream, unique, rounds
+        )
+        (p_s, _), (m_s, m_notes) = interleaved([parse, memory], rounds)
+        floor = Result(parse.name, n, p_s)
+        measured(floor, Result(memory.name, n, m_s, floor, "<=3x", m_notes))
+
+        sqlite_floor = FloorSQLite(stream, rounds, folder)
+        storage = SQLStorage(f"sqlite:///{folder / 'ours.db'}")
+        sqlite = OursInProcess("ours: handle(), SQLite file", storage, stream, unique, rounds)
+        (f_s, _), (o_s, o_notes) = interleaved([sqlite_floor, sqlite], rounds)
+        floor = Result(sqlite_floor.name, n, f_s)
+        measured(floor, Result(sqlite.name, n, o_s, floor, ">=60%", o_notes))
+
         if not args.no_postgres:
             paths = [
                 _save(part, folder / f"slice{i}.pickle")
@@ -556,9 +699,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             with _pg.cluster() as cluster:
                 if cluster is not None:
-                    pg_floor = floor_pg(cluster, paths, len(stream))
-                    measured(pg_floor, ours_pg(cluster, paths, len(stream), unique, pg_floor))
-                    measured(*ours_inbox(cluster, paths, len(stream), unique, pg_floor))
+                    inbox = Inbox(cluster, paths, rounds, unique)
+                    pools: list[Phase] = [
+                        floor_pg(cluster, paths, rounds),
+                        ours_pg(cluster, paths, rounds, unique),
+                        inbox,
+                    ]
+                    timed = interleaved(pools, rounds)
+                    (f_s, f_notes), (h_s, h_notes), (i_s, i_notes) = timed
+                    floor = Result(pools[0].name, n, f_s, notes=f_notes)
+                    measured(
+                        floor,
+                        Result(pools[1].name, n, h_s, floor, ">=60%", h_notes),
+                        Result(inbox.receivers.name, n, inbox.receive_s),
+                        Result(inbox.workers.name, len(unique), inbox.process_s),
+                        Result(inbox.name, n, i_s, floor, ">=60%", i_notes),
+                    )
     _report(results)
     print(f"\ntotal time {time.perf_counter() - started:.0f}s")
     return 0

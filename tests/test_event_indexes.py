@@ -99,18 +99,14 @@ def test_waiting_events_are_looked_up_through_the_partial_index(
         _store(storage, [_event("evt_1", outcome, "acct_1", 1)])
         with storage.transaction() as tx:
             found = tx.events_with_outcome(outcome, account="acct_1")
-            conn = tx._conn.connection.dbapi_connection  # type: ignore[attr-defined]
+            conn = tx._dbapi  # type: ignore[attr-defined]
             form = sql_module._driver_form(
                 storage._queries.events_with_outcome_for[outcome],
                 frozenset({"k_limit", "k_account"}),
-                tx._conn.dialect,  # type: ignore[attr-defined]
+                tx._dialect,  # type: ignore[attr-defined]
             )
-            assert form is not None
-            args = {"k_limit": 10, "k_account": "acct_1", **(form.defaults or {})}
-            params = tuple(args[n] for n in form.positions) if form.positions else args
-            plan = " ".join(
-                row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {form.sql}", params)
-            )
+            args = {"k_limit": 10, "k_account": "acct_1", **form.defaults}
+            plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {form.sql}", args))
     finally:
         storage.close()
     assert [e.event_id for e in found] == ["evt_1"]

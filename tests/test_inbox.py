@@ -365,6 +365,83 @@ def test_events_of_a_worker_that_died_are_applied_after_its_lease(
     assert len(_markers(billing)) == 1
 
 
+@pytest.mark.parametrize("role", ["handle", "worker"])
+def test_a_transient_storage_failure_is_applied_again_not_failed(
+    billing: Billing, role: str
+) -> None:
+    """A deadlock-like StorageError rolls back and runs the event again: applied once, 200."""
+    link_directly(billing, "cus_A1")
+    applied = _count_effects(billing)
+    hiccups = {"left": 1}
+
+    @billing.webhooks.on("customer.updated")
+    def deadlock_once(ctx: Any) -> None:
+        if hiccups["left"]:
+            hiccups["left"] -= 1
+            raise StorageError("deadlock detected", transient=True)
+
+    event = _updated("cus_A1", "new@example.com")
+    if role == "handle":
+        response = billing.webhooks.handle(*_signed(event))
+        assert (response.status_code, response.outcome) == (200, EventOutcome.APPLIED)
+    else:
+        _receive(billing, event)
+        assert billing.webhooks.process_pending() == 1
+    stored = stored_event(billing, event["id"])
+    assert stored is not None and (stored.outcome, stored.attempts) == (EventOutcome.APPLIED, 1)
+    assert applied == [event["id"]]
+    assert len(_markers(billing)) == 1
+
+
+def test_a_lasting_storage_failure_is_recorded_failed(billing: Billing) -> None:
+    """A StorageError that is not transient (or keeps coming) answers 500 and is recorded."""
+    link_directly(billing, "cus_A1")
+    calls: list[bool] = []
+
+    @billing.webhooks.on("customer.updated")
+    def always(ctx: Any) -> None:
+        calls.append(True)
+        raise StorageError("deadlock detected", transient=True)
+
+    event = _updated("cus_A1", "new@example.com")
+    response = billing.webhooks.handle(*_signed(event))
+    assert (response.status_code, response.outcome) == (500, EventOutcome.FAILED)
+    assert len(calls) == webhooks_module.TRANSIENT_TRIES
+    stored = stored_event(billing, event["id"])
+    assert stored is not None and stored.outcome is EventOutcome.FAILED
+    assert "deadlock detected" in (stored.reason or "")
+
+
+@pytest.mark.postgres
+def test_a_postgres_deadlock_is_a_transient_storage_error(pg_storage_url: str) -> None:
+    """Two transactions locking two rows in opposite orders: the loser's error is transient."""
+    storage = SQLStorage(pg_storage_url)
+    with storage.transaction() as tx:
+        for n in (1, 2):
+            tx.put_customer(Customer(id=f"c{n}", tenant="t", email=None))
+    both_hold_one = threading.Barrier(2)
+    errors: list[StorageError] = []
+
+    def lock(first: str, second: str) -> None:
+        try:
+            with storage.transaction() as tx:
+                tx.lock_customer("t", first)
+                both_hold_one.wait(timeout=10)
+                tx.lock_customer("t", second)
+        except StorageError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lock, args=pair) for pair in (("c1", "c2"), ("c2", "c1"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    storage.close()
+    assert len(errors) == 1
+    assert errors[0].transient
+    assert "Deadlock" in str(errors[0])
+
+
 # -- real concurrency: a worker and a redelivery racing for one pending event --------
 
 
@@ -515,9 +592,11 @@ def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
             link_directly(billing, f"cus_B{n}")
         applied = _count_effects(billing)
         broken = {"cus_B2"}
+        runs: list[str] = []
 
         @billing.webhooks.on("customer.updated")
         def fail_third(ctx: Any) -> None:
+            runs.append(ctx.object["id"])
             if ctx.object["id"] in broken:
                 raise RuntimeError("third one broke")
 
@@ -534,6 +613,7 @@ def test_a_failing_event_in_a_batch_is_recorded_and_the_others_applied_once(
             (EventOutcome.APPLIED, 1),
         ]
         assert outcomes[2] is not None and "third one broke" in (outcomes[2].reason or "")
+        assert runs.count("cus_B2") == 1  # a failing handler runs once per attempt
         assert sorted(applied) == sorted(e["id"] for n, e in enumerate(events) if n != 2)
         assert len(_markers(billing)) == 4
 

@@ -331,15 +331,98 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_close_disposes_the_pool(any_url: str) -> None:
-    """close() closes pooled connections, and may be called twice."""
+    """close() closes every connection, the one kept between transactions too; twice is fine."""
     storage = SQLStorage(any_url)
+    _touch(storage)
     _touch(storage)
     pool = storage._engine.pool
     assert isinstance(pool, QueuePool)
-    assert pool.checkedin() == 1
+    assert pool.checkedout() == 1  # kept for the next transaction, reused by the second one
     storage.close()
-    assert pool.checkedin() == 0
+    assert (pool.checkedout(), pool.checkedin()) == (0, 0)
     storage.close()
+    with pytest.raises(StorageError, match="closed"), storage.transaction():
+        pass
+
+
+def test_threads_share_the_connections_kept_between_transactions(any_url: str) -> None:
+    """Connections kept between transactions serve any thread, within the pool's bounds."""
+    storage = SQLStorage(any_url)
+    _touch(storage)
+    start = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        start.wait(timeout=30)
+        for i in range(20):
+            with storage.transaction() as tx:
+                tx.put_customer(_customer(f"c{n}-{i}"))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    with storage.transaction() as tx:
+        assert len(tx.list_customers("t1", after=None, limit=1000)) == 160
+    assert len(storage._idle) <= 8
+    storage.close()
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_every_statement_runs_on_the_driver(dialect_name: str) -> None:
+    """Each statement compiles once to SQL that the driver runs as is, with named parameters.
+
+    Transactions run statements on the driver's cursor, without SQLAlchemy at
+    execution time: a statement needing type processing or an IN list expanded
+    per call would raise StorageError in use, so it fails here first.
+    """
+    from sqlalchemy import ClauseElement, Table
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = sqlite.dialect(paramstyle="named") if dialect_name == "sqlite" else None
+    dialect = dialect or postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    queries = sql_module._Queries(postgres=dialect_name == "postgresql")
+    found = 0
+    pending: list[Any] = [vars(queries), vars(queries.v3)]
+    while pending:
+        for value in pending.pop().values():
+            if isinstance(value, dict):
+                pending.append(value)
+            elif isinstance(value, ClauseElement):
+                # INSERT and UPDATE take their values from the columns' names.
+                table = getattr(value, "table", None)
+                columns = frozenset(table.columns.keys() if isinstance(table, Table) else ())
+                form = sql_module._driver_form(value, columns, dialect)
+                assert "POSTCOMPILE" not in form.sql
+                found += 1
+    for shape in [(False, None, False), (True, 3, True)]:
+        form = sql_module._driver_form(sql_module._list_events(*shape), frozenset(), dialect)
+        assert form.sql.count(":k_type_" if dialect_name == "sqlite" else "%(k_type_") == (
+            shape[1] or 0
+        )
+    assert found > 40
+
+
+@pytest.mark.postgres
+def test_a_lost_connection_is_not_reused(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """The server dropping a connection fails that transaction only; the next one reconnects."""
+    import psycopg
+
+    storage = open_storage(pg_storage_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("c1"))
+
+    def write_after_the_server_dropped_us() -> None:
+        with storage.transaction() as tx:
+            pid = tx._dbapi.info.backend_pid  # type: ignore[attr-defined]
+            with psycopg.connect(pg_storage_url.replace("+psycopg", ""), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            tx.put_customer(_customer("c2"))
+
+    with pytest.raises(StorageError, match="OperationalError"):
+        write_after_the_server_dropped_us()
+    with storage.transaction() as tx:
+        assert tx.get_customer("t1", "c1") is not None
+        assert tx.get_customer("t1", "c2") is None
 
 
 # -- PostgreSQL ---------------------------------------------------------------------

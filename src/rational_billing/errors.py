@@ -218,4 +218,15 @@ class MailRejected(BillingError):
 
 
 class StorageError(BillingError):
-    """The storage backend failed or returned something it should not have."""
+    """The storage backend failed or returned something it should not have.
+
+    ``transient`` is True when running the same transaction again may well
+    succeed: a deadlock or a serialization failure between concurrent
+    transactions, or SQLite's write lock still held after the busy timeout.
+    The library retries those itself where it owns the transaction (webhook
+    events); a host that runs its own transactions may do the same.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

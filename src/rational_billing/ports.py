@@ -176,7 +176,10 @@ class Transaction(Protocol):
         None) and ``failed`` events whose ``next_attempt_at`` has come. A
         claimed event is not claimed again before ``now + lease`` unless it is
         written again (`update_event` ends the lease). Concurrent claims never
-        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), and
+        the claimed events stay locked, as `lock_event` locks one, until the
+        transaction ends: workers apply them in the claiming transaction
+        without locking each one again.
         """
         ...
 

@@ -115,6 +115,7 @@ class MirrorOutcome:
     attach again once the transaction has committed; ``ties`` names the
     records embedded in the object (a charge's refunds) that were applied in
     the same second as what was stored, to revalidate like the object itself.
+    ``subscription`` is the subscription as stored, when one was written.
     """
 
     kind: str
@@ -123,6 +124,7 @@ class MirrorOutcome:
     warnings: tuple[str, ...] = ()
     recheck: frozenset[tuple[str, str]] = frozenset()
     ties: frozenset[tuple[str, str]] = frozenset()
+    subscription: Subscription | None = None
 
 
 @attrs.frozen
@@ -616,7 +618,9 @@ class SubscriptionTracker:
             if result is not MirrorResult.STALE:
                 products = {i.stripe_product_id for i in record.items if i.stripe_product_id}
                 tx.set_subscription_products(tenant, mode, record.stripe_id, products)
-                return MirrorOutcome("subscription", incoming.stripe_id, result, n.warnings)
+                return MirrorOutcome(
+                    "subscription", incoming.stripe_id, result, n.warnings, subscription=record
+                )
             stored = tx.get_mirror(Subscription, tenant, mode, incoming.stripe_id)
         # Stale: only the time of a change to past_due is folded in (§4a.9).
         merged = merge_past_due(stored, incoming, transition=transition, applied=False)
@@ -856,7 +860,7 @@ class SubscriptionTracker:
         if outcome.kind != "subscription" or outcome.result is None:
             return []
         tx, tenant, mode = ctx.tx, ctx.tenant.id, ctx.mode
-        sub = tx.get_mirror(Subscription, tenant, mode, outcome.stripe_id)
+        sub = outcome.subscription or tx.get_mirror(Subscription, tenant, mode, outcome.stripe_id)
         if sub is None:
             return []
         notes: list[str] = []

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -37,7 +39,13 @@ import attrs
 
 from .._config import BillingConfig, Mode
 from ..domain.models import EventOutcome, ProcessedEvent, Tenant
-from ..errors import InvalidArgument, WebhookError, WebhookPayloadError, WebhookSignatureError
+from ..errors import (
+    InvalidArgument,
+    StorageError,
+    WebhookError,
+    WebhookPayloadError,
+    WebhookSignatureError,
+)
 from ..ports import Clock, Storage, Transaction
 from ._signature import SignatureVerifier, SigningSecret
 
@@ -71,6 +79,10 @@ MAX_ATTEMPTS: Final = 25
 DEFAULT_LEASE: Final = timedelta(minutes=5)
 #: `WebhookRouter.process_pending` applies claimed events this many per transaction.
 APPLY_BATCH: Final = 50
+#: How many times an event is applied when the storage fails transiently
+#: (`StorageError.transient`: a deadlock between workers, say) before it is
+#: recorded failed.
+TRANSIENT_TRIES: Final = 3
 
 # Stripe ids are ASCII letters and digits after their prefix. Anything else
 # (a NUL, a space, a look-alike letter) is not an event Stripe sent, and some
@@ -196,6 +208,16 @@ def _parse_event(payload: bytes) -> dict[str, Any]:
     if account is not None and (type(account) is not str or not _ACCOUNT_ID.fullmatch(account)):
         raise WebhookPayloadError(f"event {event_id} has a malformed account")
     return event
+
+
+def _stored_body(stored: ProcessedEvent) -> tuple[dict[str, Any] | None, str]:
+    """A stored event's parsed body, or None and why it cannot be applied."""
+    if stored.payload is None:
+        return None, "the stored event has no body to apply"
+    try:
+        return _parse_event(stored.payload), ""
+    except WebhookPayloadError as exc:
+        return None, f"the stored body cannot be applied: {exc}"
 
 
 class _StoredMeanwhile(Exception):
@@ -370,21 +392,21 @@ class WebhookRouter:
         """Apply up to ``limit`` stored events that are due; returns how many were taken.
 
         Due: events stored by `receive` and failed events whose retry time has
-        come. Safe to run in several processes and hosts at once: each event
-        is claimed by one worker for ``lease`` (PostgreSQL: ``FOR UPDATE SKIP
-        LOCKED``) and applied under a row lock, so it is applied once even if
-        a lease runs out or Stripe delivers it again meanwhile. Each event is
-        applied in a transaction of its own, exactly as `handle` would, and
-        its deferred work (emails) runs here after the commit. An event whose
-        handler raises is recorded ``failed`` and retried with backoff.
-
-        The claimed events are applied in batches of up to `APPLY_BATCH`, each
-        batch in one transaction (one commit instead of one per event), exactly
-        as `handle` would apply them one after the other; their deferred work
-        runs once the batch has committed. If anything in a batch raises, the
-        whole batch rolls back and its events are applied again one
-        transaction each, so that a failing event is recorded ``failed`` on
-        its own and the others are applied.
+        come. Safe to run in several processes and hosts at once. Events are
+        claimed and applied in batches of up to `APPLY_BATCH`, each batch in
+        one transaction: the claim locks its events until the commit
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so other workers take other
+        events), they are applied exactly as `handle` would apply them one
+        after the other, and their deferred work (emails) runs once the batch
+        has committed. A delivery of the same event meanwhile waits for the
+        lock and then answers ``duplicate``. If anything in a batch raises,
+        the whole batch rolls back, its claim too, and its events are applied
+        again one transaction each, so that a failing event is recorded
+        ``failed`` on its own (and retried with backoff) and the others are
+        applied. A worker that dies mid-batch leaves its events due, for
+        others to take at once. ``lease`` is passed to
+        `Transaction.claim_events`; since a batch's claim and outcomes commit
+        together, other workers never see it.
 
         Raises:
             InvalidArgument: ``limit`` is not a positive integer.
@@ -392,51 +414,76 @@ class WebhookRouter:
         """
         if type(limit) is not int or limit < 1:
             raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
-        now = self._clock()
-        with self._storage.transaction() as tx:
-            claimed = tx.claim_events(now, limit=limit, lease=lease)
-        for start in range(0, len(claimed), APPLY_BATCH):
-            self._apply_batch(claimed[start : start + APPLY_BATCH])
-        return len(claimed)
+        taken = 0
+        while taken < limit:
+            wanted = min(APPLY_BATCH, limit - taken)
+            claimed = self._claim_and_apply(wanted, lease)
+            taken += claimed
+            if claimed < wanted:
+                break
+        return taken
 
-    def _apply_batch(self, batch: Sequence[ProcessedEvent]) -> None:
-        """Apply claimed events in one transaction; one transaction each if that fails."""
+    def _claim_and_apply(self, limit: int, lease: timedelta) -> int:
+        """Claim up to ``limit`` due events and apply them, all in one transaction.
+
+        The claim locks the events (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)
+        until the commit, so they are applied without locking each one again.
+        If applying raises, everything rolls back, the claim too, and the
+        events are applied again one transaction each (each locked as `handle`
+        locks it). Returns how many events were claimed.
+        """
+        claimed: Sequence[ProcessedEvent] = ()
         ready: list[tuple[ProcessedEvent, dict[str, Any], bytes]] = []
-        for stored in batch:
-            if stored.payload is None:
-                self._give_up(stored, "the stored event has no body to apply")
-                continue
-            try:
-                ready.append((stored, _parse_event(stored.payload), stored.payload))
-            except WebhookPayloadError as exc:
-                self._give_up(stored, f"the stored body cannot be applied: {exc}")
-        if len(ready) < 2:
-            for stored, event, payload in ready:
-                self._apply(event, payload, self._clock(), received_at=stored.received_at)
-            return
         done: list[tuple[dict[str, Any], EventOutcome, str | None, str | None]] = []
         deferred: list[tuple[str, list[Callable[[], None]]]] = []
+        failing: int | None = None  # the event being applied, while one is
         try:
             with self._storage.transaction() as tx:
-                for stored, event, payload in ready:
+                claimed = tx.claim_events(self._clock(), limit=limit, lease=lease)
+                for stored in claimed:
+                    event, problem = _stored_body(stored)
+                    if event is None:
+                        log.error("webhook %s cannot be applied: %s", stored.event_id, problem)
+                        tx.update_event(
+                            attrs.evolve(
+                                stored, outcome=_FAILED, reason=problem, next_attempt_at=None
+                            )
+                        )
+                        continue
+                    assert stored.payload is not None
+                    ready.append((stored, event, stored.payload))
+                for current, (stored, event, payload) in enumerate(ready):
+                    failing = current
                     after: list[Callable[[], None]] = []
                     outcome, reason, tenant_id = self._apply_in(
-                        tx, event, payload, stored.received_at, False, after
+                        tx, event, payload, stored.received_at, False, after, stored
                     )
                     done.append((event, outcome, reason, tenant_id))
                     if after:
                         deferred.append((event["id"], after))
-        except Exception:
-            # Nothing of the batch committed. Apply each event on its own, as
-            # `handle` would: the failing one is recorded, the others applied.
+                failing = None
+        except Exception as exc:
+            if not claimed:
+                raise  # the claim itself failed: nothing was taken
+            # Nothing committed, the claim neither. An event whose handler
+            # raised is recorded failed (its handlers ran once, as in
+            # `handle`); the others, and every event when the storage failed
+            # (such as a deadlock between two workers' batches), are applied
+            # again one transaction each.
             log.warning(
                 "a batch of %d webhooks rolled back; applying them one by one",
-                len(ready),
+                len(claimed),
                 exc_info=True,
             )
-            for stored, event, payload in ready:
-                self._apply(event, payload, self._clock(), received_at=stored.received_at)
-            return
+            if isinstance(exc, StorageError):
+                failing = None
+            if failing is not None:
+                stored, event, payload = ready[failing]
+                self._record_failure(event, payload, exc, self._clock(), stored.received_at, False)
+            for stored in claimed:
+                if failing is None or stored is not ready[failing][0]:
+                    self._apply_stored(stored, force=False)
+            return len(claimed)
         for event_id, work in deferred:
             self._run_after_commit(work, event_id)
         if log.isEnabledFor(logging.INFO):
@@ -449,16 +496,13 @@ class WebhookRouter:
                     outcome.value,
                     f" ({reason})" if reason else "",
                 )
+        return len(claimed)
 
     def _apply_stored(self, stored: ProcessedEvent, *, force: bool) -> WebhookResponse | None:
         """Apply a stored event from its body; None when the body is gone or unreadable."""
-        if stored.payload is None:
-            self._give_up(stored, "the stored event has no body to apply")
-            return None
-        try:
-            event = _parse_event(stored.payload)
-        except WebhookPayloadError as exc:
-            self._give_up(stored, f"the stored body cannot be applied: {exc}")
+        event, problem = _stored_body(stored)
+        if event is None or stored.payload is None:
+            self._give_up(stored, problem)
             return None
         return self._apply(
             event, stored.payload, self._clock(), received_at=stored.received_at, force=force
@@ -484,18 +528,30 @@ class WebhookRouter:
         force: bool = False,
     ) -> WebhookResponse:
         event_id: str = event["id"]
-        after: list[Callable[[], None]] = []
-        try:
-            with self._storage.transaction() as tx:
-                outcome, reason, tenant_id = self._apply_in(
-                    tx, event, payload, received_at or now, force, after
-                )
-        except _StoredMeanwhile:
-            return WebhookResponse(200, _DUPLICATE, event_id)
-        except Exception as exc:
-            log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-            self._record_failure(event, payload, exc, now, received_at, force)
-            return WebhookResponse(500, _FAILED, event_id, "processing failed; retry")
+        attempt = 1
+        while True:
+            after: list[Callable[[], None]] = []
+            try:
+                with self._storage.transaction() as tx:
+                    outcome, reason, tenant_id = self._apply_in(
+                        tx, event, payload, received_at or now, force, after
+                    )
+                break
+            except _StoredMeanwhile:
+                return WebhookResponse(200, _DUPLICATE, event_id)
+            except StorageError as exc:
+                if exc.transient and attempt < TRANSIENT_TRIES:
+                    # A deadlock with a concurrent transaction, say: nothing
+                    # was committed, so run the event again.
+                    log.info("webhook %s: %s; applying it again", event_id, exc)
+                    attempt += 1
+                    time.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 (jitter)
+                    continue
+                log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
+                return self._failed(event, payload, exc, now, received_at, force)
+            except Exception as exc:
+                log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
+                return self._failed(event, payload, exc, now, received_at, force)
         if after:
             self._run_after_commit(after, event_id)
         if log.isEnabledFor(logging.INFO):
@@ -509,6 +565,18 @@ class WebhookRouter:
             )
         return WebhookResponse(200, outcome, event_id, reason or "")
 
+    def _failed(
+        self,
+        event: dict[str, Any],
+        payload: bytes,
+        exc: Exception,
+        now: datetime,
+        received_at: datetime | None,
+        force: bool,
+    ) -> WebhookResponse:
+        self._record_failure(event, payload, exc, now, received_at, force)
+        return WebhookResponse(500, _FAILED, event["id"], "processing failed; retry")
+
     def _apply_in(
         self,
         tx: Transaction,
@@ -517,10 +585,12 @@ class WebhookRouter:
         received_at: datetime,
         force: bool,
         after: list[Callable[[], None]],
+        claimed: ProcessedEvent | None = None,
     ) -> tuple[EventOutcome, str | None, str | None]:
         # A stored event is locked, so that a concurrent delivery or worker
-        # applying it waits and then sees our outcome.
-        stored = tx.lock_event(event["id"])
+        # applying it waits and then sees our outcome. One that this
+        # transaction claimed is locked already.
+        stored = claimed if claimed is not None else tx.lock_event(event["id"])
         if stored is not None and not (force or stored.outcome in _REAPPLY):
             return _DUPLICATE, None, stored.tenant
         account: str | None = event.get("account")

@@ -30,9 +30,11 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -71,6 +73,7 @@ try:
     import sqlalchemy as sa
     from sqlalchemy.dialects import postgresql as sa_postgresql
     from sqlalchemy.dialects import sqlite as sa_sqlite
+    from sqlalchemy.pool import PoolProxiedConnection
 except ImportError as exc:
     raise ConfigError(_MISSING_EXTRA) from exc
 
@@ -602,7 +605,7 @@ class _Queries:
     def _version_2(self, limit: sa.BindParameter[Any]) -> None:
         """The statements of schema version 2 (the webhook inbox), and per-storage caches."""
         #: (statement, parameter names) -> its `_DriverForm`, or None (see `_driver_form`).
-        self.driver_forms: dict[tuple[sa.Executable, frozenset[str]], _DriverForm | None] = {}
+        self.driver_forms: dict[tuple[sa.Executable, frozenset[str]], _DriverForm] = {}
         #: Stored tenant JSON -> the `Tenant` it reads as (tenants are looked up per webhook).
         self.tenants: dict[str, Tenant] = {}
         e = _events
@@ -637,17 +640,12 @@ class _Queries:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        self.lease_events = (
-            sa.update(e)
-            .where(e.c.event_id.in_(sa.bindparam("k_ids", expanding=True)))
-            .values(due_us=_p("until"))
+        # Run once per claimed event, in one executemany (no IN list to expand).
+        self.lease_event = (
+            sa.update(e).where(e.c.event_id == _p("event_id")).values(due_us=_p("until"))
         )
-        self.list_events = {
-            (has_since, has_types, has_after): _list_events(has_since, has_types, has_after)
-            for has_since in (False, True)
-            for has_types in (False, True)
-            for has_after in (False, True)
-        }
+        #: (since?, number of types or None, after?) -> the listing statement.
+        self.list_events: dict[tuple[bool, int | None, bool], sa.Select[Any]] = {}
 
 
 class _OnboardingQueries:
@@ -677,13 +675,14 @@ class _OnboardingQueries:
         )
 
 
-def _list_events(since: bool, types: bool, after: bool) -> sa.Select[Any]:
+def _list_events(since: bool, types: int | None, after: bool) -> sa.Select[Any]:
+    """Stored events in received order; ``types`` filters on that many types (k_type_0...)."""
     e = _events
     stmt = sa.select(e.c.data, e.c.payload).order_by(e.c.received_us, e.c.event_id)
     if since:
         stmt = stmt.where(e.c.received_us >= _p("since"))
-    if types:
-        stmt = stmt.where(e.c.event_type.in_(sa.bindparam("k_types", expanding=True)))
+    if types is not None:
+        stmt = stmt.where(e.c.event_type.in_([_p(f"type_{i}") for i in range(types)]))
     if after:
         stmt = stmt.where(
             sa.or_(
@@ -699,51 +698,50 @@ def _list_events(since: bool, types: bool, after: bool) -> sa.Select[Any]:
 
 @attrs.frozen
 class _DriverForm:
-    """A statement as the driver runs it: its SQL, and how to pass the parameters."""
+    """A statement as the driver runs it: its SQL, and the parameters the caller does not pass."""
 
     sql: str
-    #: Parameter names in placeholder order (qmark style); None: pass them by name.
-    positions: tuple[str, ...] | None
     #: Values of parameters the caller does not pass (such as SQLite's OFFSET).
     defaults: Mapping[str, Any]
 
 
-def _driver_form(
-    stmt: sa.Executable, keys: frozenset[str], dialect: sa.Dialect
-) -> _DriverForm | None:
+def _driver_form(stmt: sa.Executable, keys: frozenset[str], dialect: sa.Dialect) -> _DriverForm:
     """The SQL SQLAlchemy compiles for ``stmt`` with these parameters, to run on the cursor.
 
     SQLAlchemy's per-execution work (building the execution context, events,
     result metadata) costs about ten times the driver's own call on SQLite,
-    for statements that are already compiled and cached. So a transaction runs
-    each statement's compiled SQL on the driver's cursor itself, unless a
-    parameter or result needs SQLAlchemy's type processing, or the statement
-    is compiled anew for each call (expanding IN lists): then None, and the
-    statement goes through SQLAlchemy.
+    for statements that are already compiled. So every statement runs its
+    compiled SQL on the driver's cursor, with parameters passed by name, and
+    must not need SQLAlchemy at execution time: no type processing of a
+    parameter or a result, no IN list expanded per call. A test compiles every
+    statement on both dialects, so that a statement breaking this rule fails
+    there rather than here.
     """
     if not isinstance(stmt, sa.ClauseElement):
-        return None
+        raise StorageError(f"internal error: not a statement: {stmt!r}")
     compiled = stmt.compile(dialect=dialect, column_keys=sorted(keys))
-    if not isinstance(compiled, sa.sql.compiler.SQLCompiler):
-        return None
-    if compiled.escaped_bind_names or "POSTCOMPILE" in compiled.string:
-        return None
+    if (
+        not isinstance(compiled, sa.sql.compiler.SQLCompiler)
+        or compiled.positional
+        or compiled.escaped_bind_names
+        or "POSTCOMPILE" in compiled.string
+    ):
+        raise StorageError(f"internal error: a statement cannot run on the driver: {compiled}")
     for bind in compiled.binds.values():
         # Both drivers take bytes for a binary column as they are.
         if isinstance(bind.type, sa.LargeBinary):
             continue
         if bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
-            return None
+            raise StorageError(f"internal error: parameter {bind.key} needs type processing")
     for column in getattr(stmt, "selected_columns", ()):
         if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
-            return None
+            raise StorageError(f"internal error: column {column} needs type processing")
     defaults = {
         name: bind.value
         for name, bind in compiled.binds.items()
         if name not in keys and not bind.required
     }
-    positions = tuple(compiled.positiontup or ()) if compiled.positional else None
-    return _DriverForm(compiled.string, positions, defaults)
+    return _DriverForm(compiled.string, defaults)
 
 
 class _Rows:
@@ -775,7 +773,7 @@ class _Rows:
         return [row[0] for row in self._rows]
 
 
-_UNKNOWN: Final[Any] = object()
+_NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
 _TENANT_CACHE: Final = 4096
 
 
@@ -783,21 +781,44 @@ _TENANT_CACHE: Final = 4096
 
 
 class _SQLTransaction:
-    """The `Transaction` port over one SQLAlchemy connection inside BEGIN ... COMMIT.
+    """The `Transaction` port over one pooled driver connection, inside BEGIN ... COMMIT.
+
+    The transaction is driven on the driver's connection itself (``BEGIN
+    IMMEDIATE`` on SQLite, psycopg's implicit ``BEGIN``, savepoints by name),
+    not through SQLAlchemy's `Connection`, whose bookkeeping cost several times
+    an empty SQLite transaction; SQLAlchemy builds the statements, compiles
+    them once and pools the connections.
 
     After a statement fails, the transaction refuses further work (PostgreSQL
     would anyway), and a block that swallowed the error still ends in a
     rollback and a `StorageError` rather than in a silent partial commit.
     """
 
-    __slots__ = ("_absent_mirrors", "_conn", "_cursor", "_q", "_tenant_memo", "failed")
+    __slots__ = (
+        "_absent_mirrors",
+        "_cursor",
+        "_dbapi",
+        "_dialect",
+        "_q",
+        "_savepoints",
+        "_tenant_memo",
+        "broken",
+        "failed",
+        "failed_transient",
+    )
 
-    def __init__(self, conn: sa.Connection, queries: _Queries) -> None:
-        self._conn = conn
+    def __init__(self, dbapi_connection: Any, dialect: sa.Dialect, queries: _Queries) -> None:
+        self._dbapi = dbapi_connection
+        self._dialect = dialect
         self._q = queries
         self._cursor: Any = None
+        self._savepoints = 0
         #: Why the transaction can no longer commit, once a statement has failed.
         self.failed: str | None = None
+        #: Whether that failure may pass if the transaction runs again.
+        self.failed_transient = False
+        #: The connection was lost: the pool must not hand it out again.
+        self.broken = False
         #: Tenant lookups already made in this transaction (a batch of webhooks
         #: asks for the same few tenants again and again). Forgotten whenever
         #: this transaction writes a tenant or rolls back to a savepoint.
@@ -814,45 +835,112 @@ class _SQLTransaction:
         """Why the transaction can no longer commit, or None."""
         return self.failed
 
-    def _run(self, stmt: sa.Executable, params: Mapping[str, Any] | None = None) -> _Rows:
+    # -- driving the transaction (used by SQLStorage) ---------------------------
+    def _error(self, sql: str, params: Any, exc: Any) -> StorageError:
+        """`StorageError` for a driver error, noting a lost connection."""
+        dialect = self._dialect
+        wrapped = sa.exc.DBAPIError.instance(
+            sql, params, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        )
+        if dialect.is_disconnect(exc, self._dbapi, self._cursor):
+            self.broken = True
+        error = StorageError(_describe(wrapped), transient=_transient(exc))
+        error.__cause__ = wrapped
+        return error
+
+    def _control(self, sql: str) -> None:
+        """Run a transaction-control statement (BEGIN, SAVEPOINT ...) on the cursor."""
+        try:
+            if self._cursor is None:
+                self._cursor = self._dbapi.cursor()
+            self._cursor.execute(sql)
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._error(sql, (), exc) from None
+
+    def begin(self) -> None:
+        # IMMEDIATE takes SQLite's write lock up front: a DEFERRED transaction
+        # that reads and then writes fails with SQLITE_BUSY when another writer
+        # got in first, and busy_timeout cannot help it. psycopg sends BEGIN
+        # itself, with the first statement.
+        if self._dialect.name == "sqlite":
+            self._control("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        try:
+            self._dbapi.commit()
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._error("COMMIT", (), exc) from None
+
+    def rollback(self) -> None:
+        try:
+            self._dbapi.rollback()
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self._error("ROLLBACK", (), exc) from None
+
+    def in_transaction(self) -> bool:
+        """Whether the driver still has a transaction open (a rollback failed)."""
+        if self._dialect.name == "sqlite":
+            return bool(self._dbapi.in_transaction)
+        from psycopg.pq import TransactionStatus
+
+        return bool(self._dbapi.info.transaction_status != TransactionStatus.IDLE)
+
+    def savepoint(self) -> str:
+        self._savepoints += 1
+        name = f"rb_savepoint_{self._savepoints}"
+        self._control(f"SAVEPOINT {name}")
+        return name
+
+    def release(self, name: str) -> None:
+        self._control(f"RELEASE SAVEPOINT {name}")
+
+    def rollback_to(self, name: str) -> None:
+        self._control(f"ROLLBACK TO SAVEPOINT {name}")
+
+    # -- statements --------------------------------------------------------------
+    def _run(self, stmt: sa.Executable, params: Mapping[str, Any] = _NO_PARAMS) -> _Rows:
         if self.failed is not None:
             raise StorageError(
                 f"the transaction was aborted by an earlier error ({self.failed}); "
                 "leave the block so that it rolls back"
             )
-        params = params or {}
         key = (stmt, frozenset(params))
-        form = self._q.driver_forms.get(key, _UNKNOWN)
-        if form is _UNKNOWN:
-            try:
-                form = _driver_form(stmt, key[1], self._conn.dialect)
-            except (sa.exc.SQLAlchemyError, AttributeError, TypeError):
-                form = None  # SQLAlchemy will compile it, or say what is wrong
-            self._q.driver_forms[key] = form
+        forms = self._q.driver_forms
+        form = forms.get(key)
         if form is None:
-            try:
-                result = self._conn.execute(stmt, params)
-                return _Rows(result.all() if result.returns_rows else (), result.rowcount)
-            except sa.exc.SQLAlchemyError as exc:
-                self.failed = _describe(exc)
-                raise StorageError(self.failed) from exc
-        args: Any = {**form.defaults, **params} if form.defaults else params
-        if form.positions is not None:
-            args = tuple(args[name] for name in form.positions)
-        dialect = self._conn.dialect
+            form = forms[key] = _driver_form(stmt, key[1], self._dialect)
+        args = {**form.defaults, **params} if form.defaults else params
         try:
             if self._cursor is None:
-                self._cursor = self._conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                self._cursor = self._dbapi.cursor()
             cursor = self._cursor
             cursor.execute(form.sql, args)
             rows = cursor.fetchall() if cursor.description is not None else ()
             return _Rows(rows, cursor.rowcount)
-        except dialect.loaded_dbapi.Error as exc:
-            wrapped = sa.exc.DBAPIError.instance(
-                form.sql, args, exc, dialect.loaded_dbapi.Error, dialect=dialect
-            )
-            self.failed = _describe(wrapped)
-            raise StorageError(self.failed) from wrapped
+        except self._dialect.loaded_dbapi.Error as exc:
+            error = self._error(form.sql, args, exc)
+            self.failed, self.failed_transient = str(error), error.transient
+            raise error from error.__cause__
+
+    def _run_many(self, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run one statement for each of ``rows`` (psycopg pipelines them)."""
+        if not rows:
+            return
+        if self.failed is not None:
+            raise StorageError(f"the transaction was aborted by an earlier error ({self.failed})")
+        key = (stmt, frozenset(rows[0]))
+        forms = self._q.driver_forms
+        form = forms.get(key)
+        if form is None:
+            form = forms[key] = _driver_form(stmt, key[1], self._dialect)
+        try:
+            if self._cursor is None:
+                self._cursor = self._dbapi.cursor()
+            self._cursor.executemany(form.sql, rows)
+        except self._dialect.loaded_dbapi.Error as exc:
+            error = self._error(form.sql, rows[0], exc)
+            self.failed, self.failed_transient = str(error), error.transient
+            raise error from error.__cause__
 
     def _one(self, cls: type[T], stmt: sa.Executable, params: Mapping[str, Any]) -> T | None:
         data = self._run(stmt, params).scalar_one_or_none()
@@ -1031,8 +1119,10 @@ class _SQLTransaction:
         if not rows:
             return []
         # The lease moves the due time: a crashed worker's events fall due again.
-        lease_params = {"k_ids": [row[0] for row in rows], "k_until": _micros(now + lease)}
-        self._run(self._q.lease_events, lease_params)
+        until = _micros(now + lease)
+        self._run_many(
+            self._q.lease_event, [{"k_event_id": row[0], "k_until": until} for row in rows]
+        )
         return [_load_event(row, 1) for row in rows]
 
     def list_events(
@@ -1046,13 +1136,19 @@ class _SQLTransaction:
         params: dict[str, Any] = {"k_limit": limit}
         if since is not None:
             params["k_since"] = _micros(since)
+        wanted: int | None = None
         if types is not None:
-            params["k_types"] = sorted(types)
-            if not params["k_types"]:
+            names = sorted(set(types))
+            if not names:
                 return []
+            wanted = len(names)
+            params.update((f"k_type_{i}", name) for i, name in enumerate(names))
         if after is not None:
             params["k_after_us"], params["k_after_id"] = _micros(after[0]), after[1]
-        stmt = self._q.list_events[since is not None, types is not None, after is not None]
+        shape = (since is not None, wanted, after is not None)
+        stmt = self._q.list_events.get(shape)
+        if stmt is None:
+            stmt = self._q.list_events[shape] = _list_events(*shape)
         return [_load_event(row) for row in self._run(stmt, params)]
 
     # -- mirrors -------------------------------------------------------------
@@ -1407,12 +1503,19 @@ class SQLStorage:
         self._schema_lock = threading.Lock()
         self._schema_ready = False
         self._closed = False
+        #: Connections between two transactions, still checked out of the pool
+        #: (see `_checkout`). deque's append and pop are atomic: no lock needed.
+        self._idle: deque[PoolProxiedConnection] = deque()
         try:
             if self._postgres:
                 self._engine = sa.create_engine(parsed)
             else:
+                # Named parameters, as psycopg's: statements run on the driver
+                # with the caller's dict (see _driver_form).
                 self._engine = sa.create_engine(
-                    parsed, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S}
+                    parsed,
+                    connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S},
+                    paramstyle="named",
                 )
                 sa.event.listen(self._engine, "connect", _on_sqlite_connect)
                 sa.event.listen(self._engine, "begin", _on_sqlite_begin)
@@ -1439,64 +1542,71 @@ class SQLStorage:
         if self._closed:
             raise StorageError("SQLStorage is closed")
         self._ensure_schema()
-        conn = self._connect()
+        pooled = self._checkout()
+        tx = _SQLTransaction(pooled.dbapi_connection, self._engine.dialect, self._queries)
         try:
             try:
-                conn.begin()
-            except sa.exc.SQLAlchemyError as exc:
-                raise StorageError(f"cannot begin a transaction: {_describe(exc)}") from exc
-            tx = _SQLTransaction(conn, self._queries)
+                tx.begin()
+            except StorageError as exc:
+                raise StorageError(
+                    f"cannot begin a transaction: {exc}", transient=exc.transient
+                ) from exc.__cause__
             self._local.tx = tx
             try:
                 yield tx
             except BaseException as exc:
-                _rollback(conn, exc)
+                _rollback(tx, exc)
                 raise
             finally:
                 self._local.tx = None
             if tx.failed is not None:
-                _rollback(conn, None)
+                _rollback(tx, None)
                 raise StorageError(
-                    f"rolled back: a statement in this transaction failed ({tx.failed})"
+                    f"rolled back: a statement in this transaction failed ({tx.failed})",
+                    transient=tx.failed_transient,
                 )
             try:
-                conn.commit()
-            except sa.exc.SQLAlchemyError as exc:
-                raise StorageError(f"commit failed: {_describe(exc)}") from exc
+                tx.commit()
+            except StorageError as exc:
+                _rollback(tx, exc)  # SQLite keeps a transaction whose COMMIT failed open
+                raise StorageError(
+                    f"commit failed: {exc}", transient=exc.transient
+                ) from exc.__cause__
         finally:
-            conn.close()
+            self._checkin(pooled, tx)
 
     def _savepoint(self, tx: _SQLTransaction) -> Iterator[Transaction]:
         aborted = tx.failure()
         if aborted is not None:
             raise StorageError(f"the enclosing transaction was aborted earlier ({aborted})")
         try:
-            savepoint = tx._conn.begin_nested()
-        except sa.exc.SQLAlchemyError as exc:
-            tx.failed = _describe(exc)
-            raise StorageError(tx.failed) from exc
+            name = tx.savepoint()
+        except StorageError as exc:
+            tx.failed = str(exc)
+            raise
         try:
             yield tx
         except BaseException as exc:
             tx.forget_tenants()  # a tenant written inside the savepoint is undone
-            if _rollback(savepoint, exc):
+            if _rollback_to(tx, name, exc):
                 tx.failed = None  # the savepoint undid whatever failed
             raise
         if tx.failed is not None:
             failed = tx.failed
             tx.forget_tenants()
-            if _rollback(savepoint, None):
+            if _rollback_to(tx, name, None):
                 tx.failed = None
             raise StorageError(f"rolled back: a statement in this block failed ({failed})")
         try:
-            savepoint.commit()
-        except sa.exc.SQLAlchemyError as exc:
-            tx.failed = _describe(exc)
-            raise StorageError(tx.failed) from exc
+            tx.release(name)
+        except StorageError as exc:
+            tx.failed = str(exc)
+            raise
 
     def close(self) -> None:
         """Close every pooled connection; later transactions raise `StorageError`."""
         self._closed = True
+        self._close_idle()
         self._engine.dispose()
 
     # -- connections and schema -------------------------------------------------
@@ -1505,6 +1615,44 @@ class SQLStorage:
             return self._engine.connect()
         except sa.exc.SQLAlchemyError as exc:
             raise StorageError(f"cannot connect to {self._display}: {_describe(exc)}") from exc
+
+    def _checkout(self) -> PoolProxiedConnection:
+        """A driver connection for one transaction: an idle one, else one from the pool.
+
+        A connection goes back to the pool only when the storage closes (or it
+        broke): a pool checkout and checkin cost about three times an empty
+        SQLite transaction. The pool still bounds how many connections exist,
+        since the idle ones never left it, and any thread takes any idle one.
+        """
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        try:
+            return self._engine.raw_connection()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageError(f"cannot connect to {self._display}: {_describe(exc)}") from exc
+
+    def _checkin(self, pooled: PoolProxiedConnection, tx: _SQLTransaction) -> None:
+        """Keep the connection for the next transaction, unless it broke or the storage closed."""
+        if tx.broken:
+            pooled.invalidate()
+        if tx.broken or self._closed or tx.in_transaction():
+            pooled.close()
+            return
+        self._idle.append(pooled)
+        if self._is_closed():  # close() ran meanwhile and may have missed it
+            self._close_idle()
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def _close_idle(self) -> None:
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                return
 
     def _ensure_schema(self) -> None:
         if self._schema_ready:
@@ -1546,14 +1694,35 @@ class SQLStorage:
             conn.close()
 
 
-def _rollback(target: sa.Connection | sa.NestedTransaction, exc: BaseException | None) -> bool:
+#: PostgreSQL's deadlock_detected, serialization_failure and lock_not_available.
+_TRANSIENT_SQLSTATES: Final = frozenset({"40P01", "40001", "55P03"})
+
+
+def _transient(exc: Any) -> bool:
+    """Whether a driver error may pass if the transaction runs again."""
+    if getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    # sqlite3: SQLITE_BUSY / SQLITE_LOCKED after the busy timeout.
+    return type(exc).__name__ == "OperationalError" and "locked" in str(exc)
+
+
+def _rollback(tx: _SQLTransaction, exc: BaseException | None) -> bool:
     """Roll back; True when that worked. A failure is noted on ``exc``, never hidden."""
+    return _undo(tx.rollback, exc)
+
+
+def _rollback_to(tx: _SQLTransaction, savepoint: str, exc: BaseException | None) -> bool:
+    """Roll back to ``savepoint``; True when that worked (see `_rollback`)."""
+    return _undo(lambda: tx.rollback_to(savepoint), exc)
+
+
+def _undo(rollback: Callable[[], None], exc: BaseException | None) -> bool:
     try:
-        target.rollback()
-    except sa.exc.SQLAlchemyError as rollback_error:
+        rollback()
+    except StorageError as rollback_error:
         if exc is None:
-            raise StorageError(f"rollback failed: {_describe(rollback_error)}") from rollback_error
-        exc.add_note(f"rational_billing: the rollback failed too: {_describe(rollback_error)}")
+            raise StorageError(f"rollback failed: {rollback_error}") from rollback_error
+        exc.add_note(f"rational_billing: the rollback failed too: {rollback_error}")
         return False
     return True
 
@@ -1572,8 +1741,6 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _on_sqlite_begin(conn: sa.Connection) -> None:
-    # IMMEDIATE takes the write lock up front: a DEFERRED transaction that
-    # reads and then writes fails with SQLITE_BUSY when another writer got in
-    # first, and busy_timeout cannot help it.
-    # On the driver's connection directly: this runs once per transaction.
+    # SQLAlchemy's own transactions (migrations) begin IMMEDIATE too, as
+    # _SQLTransaction.begin does.
     conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
