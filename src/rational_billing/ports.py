@@ -151,6 +151,13 @@ class Transaction(Protocol):
         """
         ...
 
+    def update_events(self, events: Sequence[ProcessedEvent]) -> None:
+        """`update_event` for each of ``events``, which a storage may send together.
+
+        Raises `StorageError` if any of them is not stored.
+        """
+        ...
+
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
     ) -> Sequence[ProcessedEvent]:
@@ -205,6 +212,15 @@ class Transaction(Protocol):
 
         A record older than the stored one is skipped (``STALE``); one with the
         same marker is written and reported as ``TIE``.
+        """
+        ...
+
+    def insert_mirror(self, record: MirrorRecord) -> bool:
+        """Store ``record`` if nothing is stored under its key; True when it was inserted.
+
+        A stored record is left as it is, whatever its marker. Handlers try
+        this first for an object they have not seen, and read, merge and
+        `mirror` only when a record was there.
         """
         ...
 

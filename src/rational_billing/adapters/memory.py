@@ -315,6 +315,10 @@ class _MemoryTransaction:
             event = attrs.evolve(event, payload=old.payload)  # the body is written once
         self._put_event(event)
 
+    def update_events(self, events: Sequence[ProcessedEvent]) -> None:
+        for event in events:
+            self.update_event(event)
+
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
     ) -> Sequence[ProcessedEvent]:
@@ -404,6 +408,12 @@ class _MemoryTransaction:
                 s._set(s._mirrors_by_customer, ckey, index)
             s._set(index, record.stripe_id, record)
         return result
+
+    def insert_mirror(self, record: MirrorRecord) -> bool:
+        if (type(record), record.tenant, record.mode, record.stripe_id) in self._s._mirrors:
+            return False
+        self.mirror(record)
+        return True
 
     def get_mirror(self, kind: type[R], tenant: str, mode: Mode, stripe_id: str) -> R | None:
         found = self._s._mirrors.get((kind, tenant, mode, stripe_id))

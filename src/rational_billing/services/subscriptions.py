@@ -609,6 +609,19 @@ class SubscriptionTracker:
     ) -> MirrorOutcome:
         n = normalize_subscription(obj, tenant=tenant, mode=mode, marker=marker)
         incoming = n.record
+        # Most objects are new: insert at once; read and merge only when one is stored.
+        fresh = merge_past_due(None, incoming, transition=transition, applied=True)
+        assert fresh is not None
+        if tx.insert_mirror(fresh):
+            products = {i.stripe_product_id for i in fresh.items if i.stripe_product_id}
+            tx.set_subscription_products(tenant, mode, fresh.stripe_id, products)
+            return MirrorOutcome(
+                "subscription",
+                incoming.stripe_id,
+                MirrorResult.INSERTED,
+                n.warnings,
+                subscription=fresh,
+            )
         stored = tx.get_mirror(Subscription, tenant, mode, incoming.stripe_id)
         result = MirrorResult.STALE
         if stored is None or incoming.marker >= stored.marker:
@@ -640,8 +653,15 @@ class SubscriptionTracker:
     ) -> MirrorOutcome:
         n = normalize_invoice(obj, tenant=tenant, mode=mode, marker=marker)
         incoming = attrs.evolve(n.record, status="deleted") if deleted else n.record
-        stored = tx.get_mirror(Invoice, tenant, mode, incoming.stripe_id)
         recheck = self._add_references(tx, n.references)
+        if tx.insert_mirror(merge_invoice(None, incoming, failed_at)):
+            # Disputes and refunds that reached this invoice before it was
+            # stored now learn their customer.
+            recheck |= self._records_paying(tx, tenant, mode, [incoming.stripe_id])
+            return MirrorOutcome(
+                "invoice", incoming.stripe_id, MirrorResult.INSERTED, n.warnings, recheck
+            )
+        stored = tx.get_mirror(Invoice, tenant, mode, incoming.stripe_id)
         if stored is not None and incoming.marker < stored.marker:
             # Stale: only the earliest failure is folded in (a minimum, §4a.9).
             merged = merge_invoice(stored, stored, failed_at)
@@ -682,17 +702,26 @@ class SubscriptionTracker:
     ) -> MirrorOutcome:
         recheck = self._add_references(tx, references)
         invoice_id, customer_id = _resolve(tx, record)
-        stored = tx.get_mirror(type(record), record.tenant, record.mode, record.stripe_id)
-        if stored is not None:
-            # Attachments are facts: once known they are kept, whatever the order.
-            invoice_id = invoice_id or stored.invoice_id
-            customer_id = customer_id or stored.stripe_customer_id
-        record = attrs.evolve(
+        attached = attrs.evolve(
             record,
             invoice_id=record.invoice_id or invoice_id,
             stripe_customer_id=record.stripe_customer_id or customer_id,
         )
-        result = tx.mirror(record)
+        if tx.insert_mirror(attached):
+            result = MirrorResult.INSERTED
+            record = attached
+        else:
+            stored = tx.get_mirror(type(record), record.tenant, record.mode, record.stripe_id)
+            if stored is not None:
+                # Attachments are facts: once known they are kept, whatever the order.
+                invoice_id = invoice_id or stored.invoice_id
+                customer_id = customer_id or stored.stripe_customer_id
+            record = attrs.evolve(
+                record,
+                invoice_id=record.invoice_id or invoice_id,
+                stripe_customer_id=record.stripe_customer_id or customer_id,
+            )
+            result = tx.mirror(record)
         if result is MirrorResult.STALE:
             self._attach(tx, type(record), record.tenant, record.mode, record.stripe_id)
         if record.invoice_id is None or record.stripe_customer_id is None:

@@ -440,11 +440,13 @@ class WebhookRouter:
         try:
             with self._storage.transaction() as tx:
                 claimed = tx.claim_events(self._clock(), limit=limit, lease=lease)
+                # The batch's outcomes are written together, at its end.
+                updates: list[ProcessedEvent] = []
                 for stored in claimed:
                     event, problem = _stored_body(stored)
                     if event is None:
                         log.error("webhook %s cannot be applied: %s", stored.event_id, problem)
-                        tx.update_event(
+                        updates.append(
                             attrs.evolve(
                                 stored, outcome=_FAILED, reason=problem, next_attempt_at=None
                             )
@@ -456,12 +458,13 @@ class WebhookRouter:
                     failing = current
                     after: list[Callable[[], None]] = []
                     outcome, reason, tenant_id = self._apply_in(
-                        tx, event, payload, stored.received_at, False, after, stored
+                        tx, event, payload, stored.received_at, False, after, stored, updates
                     )
                     done.append((event, outcome, reason, tenant_id))
                     if after:
                         deferred.append((event["id"], after))
                 failing = None
+                tx.update_events(updates)
         except Exception as exc:
             if not claimed:
                 raise  # the claim itself failed: nothing was taken
@@ -586,6 +589,7 @@ class WebhookRouter:
         force: bool,
         after: list[Callable[[], None]],
         claimed: ProcessedEvent | None = None,
+        updates: list[ProcessedEvent] | None = None,
     ) -> tuple[EventOutcome, str | None, str | None]:
         # A stored event is locked, so that a concurrent delivery or worker
         # applying it waits and then sees our outcome. One that this
@@ -606,17 +610,19 @@ class WebhookRouter:
             attempts += 1
         tenant_id = None if tenant is None else tenant.id
         if stored is not None:
-            tx.update_event(
-                attrs.evolve(
-                    stored,
-                    outcome=outcome,
-                    reason=why,
-                    tenant=tenant_id,
-                    attempts=attempts,
-                    payload=stored.payload or payload,
-                    next_attempt_at=None,
-                )
+            record = attrs.evolve(
+                stored,
+                outcome=outcome,
+                reason=why,
+                tenant=tenant_id,
+                attempts=attempts,
+                payload=stored.payload or payload,
+                next_attempt_at=None,
             )
+            if updates is None:
+                tx.update_event(record)
+            else:
+                updates.append(record)  # written by the caller with the others
         elif not tx.record_event(
             _new_record(
                 event,

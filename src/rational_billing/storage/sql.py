@@ -922,10 +922,10 @@ class _SQLTransaction:
             self.failed, self.failed_transient = str(error), error.transient
             raise error from error.__cause__
 
-    def _run_many(self, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Run one statement for each of ``rows`` (psycopg pipelines them)."""
+    def _run_many(self, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run one statement for each of ``rows`` (psycopg pipelines them); rows changed."""
         if not rows:
-            return
+            return 0
         if self.failed is not None:
             raise StorageError(f"the transaction was aborted by an earlier error ({self.failed})")
         key = (stmt, frozenset(rows[0]))
@@ -937,6 +937,7 @@ class _SQLTransaction:
             if self._cursor is None:
                 self._cursor = self._dbapi.cursor()
             self._cursor.executemany(form.sql, rows)
+            return int(self._cursor.rowcount)
         except self._dialect.loaded_dbapi.Error as exc:
             error = self._error(form.sql, rows[0], exc)
             self.failed, self.failed_transient = str(error), error.transient
@@ -1089,12 +1090,15 @@ class _SQLTransaction:
         return None if row is None else _load_event(row)
 
     def update_event(self, event: ProcessedEvent) -> None:
-        row = _event_row(event)
-        del row["event_id"]
-        row["k_event_id"] = event.event_id
-        row["k_payload"] = row.pop("payload")
-        if self._run(self._q.update_event, row).rowcount != 1:
+        if self._run(self._q.update_event, _event_update(event)).rowcount != 1:
             raise StorageError(f"no stored event {event.event_id!r} to update")
+
+    def update_events(self, events: Sequence[ProcessedEvent]) -> None:
+        # One executemany: psycopg pipelines it into about one round trip.
+        updated = self._run_many(self._q.update_event, [_event_update(e) for e in events])
+        if updated != len(events):
+            ids = ", ".join(repr(e.event_id) for e in events[:5])
+            raise StorageError(f"some of the events {ids}... are not stored")
 
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
@@ -1190,6 +1194,20 @@ class _SQLTransaction:
         raise StorageError(
             f"{type(record).__name__} {record.stripe_id!r} kept changing during its upsert"
         )
+
+    def insert_mirror(self, record: MirrorRecord) -> bool:
+        row = {
+            "kind": _kind_name(type(record)),
+            "tenant": record.tenant,
+            "mode": record.mode.value,
+            "stripe_id": record.stripe_id,
+            "stripe_customer_id": record.stripe_customer_id,
+            "marker_us": _micros(record.marker),
+            "data": _dump(record),
+        }
+        # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key
+        # to commit or roll back, so exactly one transaction inserts.
+        return self._run(self._q.insert_mirror, row).rowcount == 1
 
     def get_mirror(self, kind: type[R], tenant: str, mode: Mode, stripe_id: str) -> R | None:
         params = {
@@ -1396,6 +1414,15 @@ def _event_row(event: ProcessedEvent) -> dict[str, Any]:
         "payload": event.payload,
         "due_us": None if due is None else _micros(due),
     }
+
+
+def _event_update(event: ProcessedEvent) -> dict[str, Any]:
+    """`_event_row` as the parameters of ``update_event``."""
+    row = _event_row(event)
+    del row["event_id"]
+    row["k_event_id"] = event.event_id
+    row["k_payload"] = row.pop("payload")
+    return row
 
 
 def _event_data(event: ProcessedEvent) -> str:

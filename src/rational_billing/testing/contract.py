@@ -390,10 +390,12 @@ _WRITES: dict[str, Callable[[Transaction], object]] = {
     "put_product_remap": lambda tx: tx.put_product(_product("p1", test="prod_new")),
     "record_event": lambda tx: tx.record_event(_event("evt_2", outcome=EventOutcome.HELD)),
     "update_event": lambda tx: tx.update_event(_event("evt_1", outcome=EventOutcome.APPLIED)),
+    "update_events": lambda tx: tx.update_events([_event("evt_1", outcome=EventOutcome.APPLIED)]),
     "mirror_update_moving_customer": lambda tx: tx.mirror(
         _subscription("sub_1", customer="cus_B", marker=20, status="canceled")
     ),
     "mirror_insert": lambda tx: tx.mirror(_subscription("sub_2", customer="cus_A")),
+    "insert_mirror": lambda tx: tx.insert_mirror(_subscription("sub_3", customer="cus_A")),
     "put_outbox_replace": lambda tx: tx.put_outbox(_outbox("ob_1", state=OutboxState.DONE)),
     "put_outbox_new": lambda tx: tx.put_outbox(_outbox("ob_2", customer_id="c2")),
 }
@@ -782,6 +784,28 @@ class StorageContract:
         with pytest.raises(StorageError), storage.transaction() as tx:
             tx.update_event(_event("evt_unknown"))
 
+    def test_update_events_updates_each(self, storage: Storage) -> None:
+        """update_events writes every event as update_event would; an unknown id raises."""
+        body = b'{"id": "evt_1"}'
+        with storage.transaction() as tx:
+            tx.record_event(_event("evt_1", outcome=EventOutcome.PENDING, payload=body))
+            tx.record_event(_event("evt_2", outcome=EventOutcome.PENDING, received=5))
+        updated = [
+            _event("evt_1", outcome=EventOutcome.APPLIED, payload=None),
+            _event("evt_2", outcome=EventOutcome.FAILED, received=5, next_attempt=9),
+        ]
+        with storage.transaction() as tx:
+            tx.update_events(updated)
+            tx.update_events([])
+        with storage.transaction() as tx:
+            assert tx.get_event("evt_1") == _event("evt_1", payload=body)
+            assert tx.get_event("evt_2") == updated[1]
+            assert [e.event_id for e in tx.events_with_outcome(EventOutcome.PENDING)] == []
+        with pytest.raises(StorageError), storage.transaction() as tx:
+            tx.update_events([_event("evt_1", outcome=EventOutcome.IGNORED), _event("evt_x")])
+        with storage.transaction() as tx:
+            assert tx.get_event("evt_1") == _event("evt_1", payload=body)
+
     def test_events_with_outcome(self, storage: Storage) -> None:
         """events_with_outcome filters by outcome and account, oldest first, up to limit."""
         held = EventOutcome.HELD
@@ -934,6 +958,20 @@ class StorageContract:
             assert tx.get_mirror(Subscription, "t1", TEST, "sub_1") == tie
             assert tx.mirrors_for_customer(Subscription, "t1", TEST, "cus_A") == [tie]
             assert list(tx.mirrors_for_customer(Subscription, "t1", TEST, "cus_B")) == []
+
+    def test_insert_mirror_inserts_only_when_absent(self, storage: Storage) -> None:
+        """insert_mirror stores a new record and indexes it; a stored one stays, even if older."""
+        first = _subscription("sub_1", customer="cus_A", marker=10)
+        with storage.transaction() as tx:
+            assert tx.insert_mirror(first) is True
+            assert tx.insert_mirror(_subscription("sub_1", customer="cus_B", marker=20)) is False
+        with storage.transaction() as tx:
+            assert tx.get_mirror(Subscription, "t1", TEST, "sub_1") == first
+            assert tx.mirrors_for_customer(Subscription, "t1", TEST, "cus_A") == [first]
+            assert tx.mirrors_for_customer(Subscription, "t1", TEST, "cus_B") == []
+            assert tx.mirror(_subscription("sub_1", customer="cus_A", marker=5)) is (
+                MirrorResult.STALE
+            )
 
     def test_mirror_key_is_kind_tenant_mode_and_id(self, storage: Storage) -> None:
         """Records that differ in kind, tenant or mode never overwrite each other."""
