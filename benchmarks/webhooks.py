@@ -428,22 +428,13 @@ def _worker_billing(url: str) -> _Ours:
     return ours
 
 
-def _pg_handle_worker(url: str, path: Path, rounds: int, control: _Control) -> None:
+def _pg_delivery_worker(method: str, url: str, path: Path, rounds: int, control: _Control) -> None:
+    """Each round, pass this process's next block of deliveries to ``handle`` or ``receive``."""
     ours = _worker_billing(url)
-    handle = ours.billing.webhooks.handle
+    deliver = getattr(ours.billing.webhooks, method)
     statuses: Counter[int] = Counter()
     for deliveries in control.blocks(_blocks(_load(path), rounds)):
-        statuses.update(handle(d.payload, d.headers).status_code for d in deliveries)
-    control.report({"statuses": statuses, **ours.summary()})
-    ours.billing.close()
-
-
-def _pg_receive_worker(url: str, path: Path, rounds: int, control: _Control) -> None:
-    ours = _worker_billing(url)
-    receive = ours.billing.webhooks.receive
-    statuses: Counter[int] = Counter()
-    for deliveries in control.blocks(_blocks(_load(path), rounds)):
-        statuses.update(receive(d.payload, d.headers).status_code for d in deliveries)
+        statuses.update(deliver(d.payload, d.headers).status_code for d in deliveries)
     control.report({"statuses": statuses, **ours.summary()})
     ours.billing.close()
 
@@ -478,7 +469,8 @@ def ours_pg(cluster: str, paths: list[Path], rounds: int, unique: list[Delivery]
         return notes
 
     name = f"ours: handle(), {WORKERS} procs, PG"
-    return Pool(name, _pg_handle_worker, [(url, path, rounds) for path in paths], summary)
+    args = [("handle", url, path, rounds) for path in paths]
+    return Pool(name, _pg_delivery_worker, args, summary)
 
 
 class Inbox:
@@ -491,7 +483,10 @@ class Inbox:
         args = [(url, path, rounds) for path in paths]
         self.received: list[dict[str, Any]] = []
         self.receivers = Pool(
-            f"ours: receive(), {WORKERS} procs, PG", _pg_receive_worker, args, self.received.extend
+            f"ours: receive(), {WORKERS} procs, PG",
+            _pg_delivery_worker,
+            [("receive", *a) for a in args],
+            self.received.extend,
         )
         self.workers = Pool(
             f"ours: process_pending(), {WORKERS} workers", _pg_process_worker, args, self._check

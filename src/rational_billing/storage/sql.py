@@ -878,12 +878,15 @@ class _SQLTransaction:
             raise self._error("ROLLBACK", (), exc) from None
 
     def in_transaction(self) -> bool:
-        """Whether the driver still has a transaction open (a rollback failed)."""
-        if self._dialect.name == "sqlite":
-            return bool(self._dbapi.in_transaction)
-        from psycopg.pq import TransactionStatus
+        """Whether the driver still has a transaction open (a rollback failed), or cannot say."""
+        try:
+            if self._dialect.name == "sqlite":
+                return bool(self._dbapi.in_transaction)
+            from psycopg.pq import TransactionStatus
 
-        return bool(self._dbapi.info.transaction_status != TransactionStatus.IDLE)
+            return bool(self._dbapi.info.transaction_status != TransactionStatus.IDLE)
+        except self._dialect.loaded_dbapi.Error:
+            return True  # unusable (closed, say): not worth keeping
 
     def savepoint(self) -> str:
         self._savepoints += 1
@@ -1157,18 +1160,8 @@ class _SQLTransaction:
 
     # -- mirrors -------------------------------------------------------------
     def mirror(self, record: MirrorRecord) -> MirrorResult:
-        key = {
-            "k_kind": _kind_name(type(record)),
-            "k_tenant": record.tenant,
-            "k_mode": record.mode.value,
-            "k_stripe_id": record.stripe_id,
-        }
-        marker = _micros(record.marker)
-        values = {
-            "stripe_customer_id": record.stripe_customer_id,
-            "marker_us": marker,
-            "data": _dump(record),
-        }
+        key, values = _mirror_row(record)
+        marker = values["marker_us"]
         hint = (key["k_kind"], record.tenant, key["k_mode"], record.stripe_id)
         if hint in self._absent_mirrors:
             # Read as absent earlier in this transaction: most likely still
@@ -1196,15 +1189,8 @@ class _SQLTransaction:
         )
 
     def insert_mirror(self, record: MirrorRecord) -> bool:
-        row = {
-            "kind": _kind_name(type(record)),
-            "tenant": record.tenant,
-            "mode": record.mode.value,
-            "stripe_id": record.stripe_id,
-            "stripe_customer_id": record.stripe_customer_id,
-            "marker_us": _micros(record.marker),
-            "data": _dump(record),
-        }
+        key, values = _mirror_row(record)
+        row = {name[2:]: value for name, value in key.items()} | values
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key
         # to commit or roll back, so exactly one transaction inserts.
         return self._run(self._q.insert_mirror, row).rowcount == 1
@@ -1365,6 +1351,22 @@ class _SQLTransaction:
             "k_stripe_product_id": stripe_product_id,
         }
         return list(self._run(self._q.subscriptions_for_product, params).scalars())
+
+
+def _mirror_row(record: MirrorRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A mirrored record's key (as ``k_`` parameters) and its other columns."""
+    key = {
+        "k_kind": _kind_name(type(record)),
+        "k_tenant": record.tenant,
+        "k_mode": record.mode.value,
+        "k_stripe_id": record.stripe_id,
+    }
+    values = {
+        "stripe_customer_id": record.stripe_customer_id,
+        "marker_us": _micros(record.marker),
+        "data": _dump(record),
+    }
+    return key, values
 
 
 def _invitation_key(tenant: str, mode: Mode, stripe_customer_id: str) -> dict[str, Any]:
