@@ -442,6 +442,44 @@ def test_a_postgres_deadlock_is_a_transient_storage_error(pg_storage_url: str) -
     assert "Deadlock" in str(errors[0])
 
 
+class _WorkerKilled(BaseException):
+    """Stands for a worker process killed mid-batch (out of memory, a hard time limit)."""
+
+
+def test_a_batch_whose_worker_died_waits_out_its_lease_and_stalls_nothing(
+    billing: Billing, clock: _Clock
+) -> None:
+    """The claim commits before applying: a dead worker's events are leased, others go on."""
+    for n in (1, 2, 3):
+        link_directly(billing, f"cus_A{n}")
+    applied = _count_effects(billing)
+    poison = {"cus_A1"}
+
+    @billing.webhooks.on("customer.updated")
+    def kill_worker(ctx: Any) -> None:
+        if ctx.object["id"] in poison:
+            raise _WorkerKilled
+
+    first = [_updated("cus_A1", "a1@example.com"), _updated("cus_A2", "a2@example.com")]
+    for event in first:
+        _receive(billing, event)
+    with pytest.raises(_WorkerKilled):
+        billing.webhooks.process_pending()
+    assert applied == []  # the batch rolled back with the worker
+
+    later = _updated("cus_A3", "later@example.com")
+    _receive(billing, later)
+    assert billing.webhooks.process_pending() == 1  # the leased batch does not block it
+    assert applied == [later["id"]]
+
+    poison.clear()
+    clock.advance(seconds=webhooks_module.DEFAULT_LEASE.total_seconds())
+    assert billing.webhooks.process_pending() == 2
+    assert sorted(applied) == sorted([later["id"], *(e["id"] for e in first)])
+    outcomes = [stored_event(billing, e["id"]) for e in first]
+    assert [s.outcome for s in outcomes if s is not None] == [EventOutcome.APPLIED] * 2
+
+
 # -- real concurrency: a worker and a redelivery racing for one pending event --------
 
 

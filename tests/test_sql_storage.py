@@ -392,6 +392,8 @@ def test_every_statement_runs_on_the_driver(dialect_name: str) -> None:
                 form = sql_module._driver_form(value, columns, dialect)
                 assert "POSTCOMPILE" not in form.sql
                 found += 1
+    lock = sql_module._driver_form(sql_module._lock_events(3), frozenset(), dialect)
+    assert lock.sql.count("k_event_id_") == 3
     for shape in [(False, None, False), (True, 3, True)]:
         form = sql_module._driver_form(sql_module._list_events(*shape), frozenset(), dialect)
         assert form.sql.count(":k_type_" if dialect_name == "sqlite" else "%(k_type_") == (
@@ -418,11 +420,74 @@ def test_a_lost_connection_is_not_reused(
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             tx.put_customer(_customer("c2"))
 
-    with pytest.raises(StorageError, match="OperationalError"):
+    with pytest.raises(StorageError, match="OperationalError") as raised:
         write_after_the_server_dropped_us()
+    assert raised.value.transient  # rolled back by the server: safe to run again
     with storage.transaction() as tx:
         assert tx.get_customer("t1", "c1") is not None
         assert tx.get_customer("t1", "c2") is None
+
+
+@pytest.mark.postgres
+def test_after_a_server_restart_only_one_transaction_fails(
+    pg_storage_url: str, open_storage: Callable[..., SQLStorage]
+) -> None:
+    """Every session dropped at once: the first failure drops the idle connections too."""
+    import psycopg
+
+    storage = open_storage(pg_storage_url)
+    both = threading.Barrier(2)
+
+    def overlap() -> None:
+        with storage.transaction() as tx:
+            tx.get_customer("t1", "c1")
+            both.wait(timeout=10)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: overlap(), range(2)))
+    assert len(storage._idle) == 2
+    name = pg_storage_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_storage_url.replace("+psycopg", ""), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    with pytest.raises(StorageError):
+        _touch(storage)
+    for n in range(3):
+        with storage.transaction() as tx:
+            tx.put_customer(_customer(f"c{n}"))
+
+
+def test_a_forked_child_does_not_use_the_parents_connections(any_url: str) -> None:
+    """After fork, the child connects afresh; the parent's connection keeps working."""
+    import multiprocessing
+
+    storage = SQLStorage(any_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("parent-1"))
+    kept = list(storage._idle)
+    assert kept
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_write_in_child, args=(storage, [id(c) for c in kept]))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    with storage.transaction() as tx:  # the parent's own connection, still sound
+        tx.put_customer(_customer("parent-2"))
+        ids = [c.id for c in tx.list_customers("t1", after=None, limit=10)]
+    assert ids == ["child-1", "parent-1", "parent-2"]
+    assert list(storage._idle) == kept
+    storage.close()
+
+
+def _write_in_child(storage: SQLStorage, parents: list[int]) -> None:
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("child-1"))
+    # The child kept a connection of its own, none of the parent's.
+    assert storage._idle
+    assert not {id(c) for c in storage._idle} & set(parents)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------

@@ -174,6 +174,14 @@ class Transaction(Protocol):
         """
         ...
 
+    def lock_events(self, event_ids: Sequence[str]) -> Sequence[ProcessedEvent]:
+        """`lock_event` for each of ``event_ids``, in one go; ids not stored are left out.
+
+        The events are locked in event id order, so that two callers locking
+        overlapping sets wait for each other rather than deadlock.
+        """
+        ...
+
     def claim_events(
         self, now: datetime, *, limit: int, lease: timedelta
     ) -> Sequence[ProcessedEvent]:
@@ -183,10 +191,7 @@ class Transaction(Protocol):
         None) and ``failed`` events whose ``next_attempt_at`` has come. A
         claimed event is not claimed again before ``now + lease`` unless it is
         written again (`update_event` ends the lease). Concurrent claims never
-        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``), and
-        the claimed events stay locked, as `lock_event` locks one, until the
-        transaction ends: workers apply them in the claiming transaction
-        without locking each one again.
+        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
         """
         ...
 

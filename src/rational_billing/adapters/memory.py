@@ -347,6 +347,10 @@ class _MemoryTransaction:
         lease = self._s._event_leases.get(event.event_id)
         return due if due is None or lease is None else max(due, lease)
 
+    def lock_events(self, event_ids: Sequence[str]) -> Sequence[ProcessedEvent]:
+        events = self._s._events
+        return [events[i] for i in sorted(set(event_ids)) if i in events]
+
     def claim_events(
         self, now: datetime, *, limit: int, lease: timedelta
     ) -> Sequence[ProcessedEvent]:

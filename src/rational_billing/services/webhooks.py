@@ -393,20 +393,19 @@ class WebhookRouter:
 
         Due: events stored by `receive` and failed events whose retry time has
         come. Safe to run in several processes and hosts at once. Events are
-        claimed and applied in batches of up to `APPLY_BATCH`, each batch in
-        one transaction: the claim locks its events until the commit
-        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so other workers take other
-        events), they are applied exactly as `handle` would apply them one
-        after the other, and their deferred work (emails) runs once the batch
-        has committed. A delivery of the same event meanwhile waits for the
-        lock and then answers ``duplicate``. If anything in a batch raises,
-        the whole batch rolls back, its claim too, and its events are applied
-        again one transaction each, so that a failing event is recorded
-        ``failed`` on its own (and retried with backoff) and the others are
-        applied. A worker that dies mid-batch leaves its events due, for
-        others to take at once. ``lease`` is passed to
-        `Transaction.claim_events`; since a batch's claim and outcomes commit
-        together, other workers never see it.
+        taken in batches of up to `APPLY_BATCH`: the claim leases a batch for
+        ``lease`` in a transaction of its own (PostgreSQL: ``FOR UPDATE SKIP
+        LOCKED``, so other workers take other events); then the batch is
+        locked in one statement and applied in one transaction, each event
+        exactly as `handle` would apply it, and its deferred work (emails)
+        runs once it has committed. An event that a redelivery applied
+        meanwhile is skipped; a redelivery during the batch waits for it and
+        answers ``duplicate``. If anything in a batch raises, the batch rolls
+        back and its events are applied again one transaction each, so that a
+        failing event is recorded ``failed`` on its own (and retried with
+        backoff) and the others are applied. A worker that dies mid-batch
+        (killed, out of memory) leaves its batch leased: the others go on
+        with other events and take it once the lease has run out.
 
         Raises:
             InvalidArgument: ``limit`` is not a positive integer.
@@ -423,26 +422,47 @@ class WebhookRouter:
                 break
         return taken
 
-    def _claim_and_apply(self, limit: int, lease: timedelta) -> int:
-        """Claim up to ``limit`` due events and apply them, all in one transaction.
+    def _claim(self, limit: int, lease: timedelta) -> Sequence[ProcessedEvent]:
+        """Lease up to ``limit`` due events in a transaction of their own (retried if transient)."""
+        attempt = 1
+        while True:
+            try:
+                with self._storage.transaction() as tx:
+                    return tx.claim_events(self._clock(), limit=limit, lease=lease)
+            except StorageError as exc:
+                if not exc.transient or attempt >= TRANSIENT_TRIES:
+                    raise
+                log.info("claiming webhooks: %s; trying again", exc)
+                attempt += 1
 
-        The claim locks the events (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)
-        until the commit, so they are applied without locking each one again.
-        If applying raises, everything rolls back, the claim too, and the
-        events are applied again one transaction each (each locked as `handle`
-        locks it). Returns how many events were claimed.
+    def _claim_and_apply(self, limit: int, lease: timedelta) -> int:
+        """Claim up to ``limit`` due events, then apply them in one transaction.
+
+        The claim commits first, so that a worker that dies while applying
+        (killed, out of memory) leaves its events leased: the others go on
+        with other events, and take these when the lease runs out. The batch
+        is then locked in one statement (`Transaction.lock_events`); an event
+        that a redelivery or another worker applied meanwhile is skipped. If
+        applying raises, the batch rolls back and its events are applied
+        again one transaction each (each locked as `handle` locks it).
+        Returns how many events were claimed.
         """
-        claimed: Sequence[ProcessedEvent] = ()
+        claimed = self._claim(limit, lease)
+        if not claimed:
+            return 0
         ready: list[tuple[ProcessedEvent, dict[str, Any], bytes]] = []
         done: list[tuple[dict[str, Any], EventOutcome, str | None, str | None]] = []
         deferred: list[tuple[str, list[Callable[[], None]]]] = []
         failing: int | None = None  # the event being applied, while one is
         try:
             with self._storage.transaction() as tx:
-                claimed = tx.claim_events(self._clock(), limit=limit, lease=lease)
+                locked = {e.event_id: e for e in tx.lock_events([e.event_id for e in claimed])}
                 # The batch's outcomes are written together, at its end.
                 updates: list[ProcessedEvent] = []
-                for stored in claimed:
+                for claim in claimed:
+                    stored = locked.get(claim.event_id)
+                    if stored is None or stored.outcome not in _REAPPLY:
+                        continue  # applied meanwhile (a redelivery, or after our lease)
                     event, problem = _stored_body(stored)
                     if event is None:
                         log.error("webhook %s cannot be applied: %s", stored.event_id, problem)
@@ -466,13 +486,11 @@ class WebhookRouter:
                 failing = None
                 tx.update_events(updates)
         except Exception as exc:
-            if not claimed:
-                raise  # the claim itself failed: nothing was taken
-            # Nothing committed, the claim neither. An event whose handler
-            # raised is recorded failed (its handlers ran once, as in
-            # `handle`); the others, and every event when the storage failed
-            # (such as a deadlock between two workers' batches), are applied
-            # again one transaction each.
+            # Nothing of the batch committed. An event whose handler raised
+            # is recorded failed (its handlers ran once, as in `handle`); the
+            # others, and every event when the storage failed (such as a
+            # deadlock between two workers' batches), are applied again one
+            # transaction each.
             log.warning(
                 "a batch of %d webhooks rolled back; applying them one by one",
                 len(claimed),
@@ -483,9 +501,9 @@ class WebhookRouter:
             if failing is not None:
                 stored, event, payload = ready[failing]
                 self._record_failure(event, payload, exc, self._clock(), stored.received_at, False)
-            for stored in claimed:
-                if failing is None or stored is not ready[failing][0]:
-                    self._apply_stored(stored, force=False)
+            for claim in claimed:
+                if failing is None or claim.event_id != ready[failing][0].event_id:
+                    self._apply_stored(claim, force=False)
             return len(claimed)
         for event_id, work in deferred:
             self._run_after_commit(work, event_id)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -646,6 +647,8 @@ class _Queries:
         )
         #: (since?, number of types or None, after?) -> the listing statement.
         self.list_events: dict[tuple[bool, int | None, bool], sa.Select[Any]] = {}
+        #: Number of ids -> the statement locking that many events (`_lock_events`).
+        self.lock_events: dict[int, sa.Select[Any]] = {}
 
 
 class _OnboardingQueries:
@@ -673,6 +676,18 @@ class _OnboardingQueries:
             .order_by(iv.c.created_us, iv.c.tenant, iv.c.stripe_customer_id)
             .limit(_p("limit"))
         )
+
+
+def _lock_events(count: int) -> sa.Select[Any]:
+    """Lock ``count`` events by id (k_event_id_0...), in id order: FOR UPDATE on PostgreSQL."""
+    e = _events
+    ids = [_p(f"event_id_{i}") for i in range(count)]
+    return (
+        sa.select(e.c.data, e.c.payload)
+        .where(e.c.event_id.in_(ids))
+        .order_by(e.c.event_id)
+        .with_for_update()
+    )
 
 
 def _list_events(since: bool, types: int | None, after: bool) -> sa.Select[Any]:
@@ -842,9 +857,14 @@ class _SQLTransaction:
         wrapped = sa.exc.DBAPIError.instance(
             sql, params, exc, dialect.loaded_dbapi.Error, dialect=dialect
         )
+        transient = _transient(exc)
         if dialect.is_disconnect(exc, self._dbapi, self._cursor):
             self.broken = True
-        error = StorageError(_describe(wrapped), transient=_transient(exc))
+            # The server rolled the transaction back: running it again on a
+            # new connection is safe, unless the COMMIT itself was cut off
+            # (it may have committed).
+            transient = sql != "COMMIT"
+        error = StorageError(_describe(wrapped), transient=transient)
         error.__cause__ = wrapped
         return error
 
@@ -855,7 +875,8 @@ class _SQLTransaction:
                 self._cursor = self._dbapi.cursor()
             self._cursor.execute(sql)
         except self._dialect.loaded_dbapi.Error as exc:
-            raise self._error(sql, (), exc) from None
+            error = self._error(sql, (), exc)
+            raise error from error.__cause__
 
     def begin(self) -> None:
         # IMMEDIATE takes SQLite's write lock up front: a DEFERRED transaction
@@ -869,13 +890,15 @@ class _SQLTransaction:
         try:
             self._dbapi.commit()
         except self._dialect.loaded_dbapi.Error as exc:
-            raise self._error("COMMIT", (), exc) from None
+            error = self._error("COMMIT", (), exc)
+            raise error from error.__cause__
 
     def rollback(self) -> None:
         try:
             self._dbapi.rollback()
         except self._dialect.loaded_dbapi.Error as exc:
-            raise self._error("ROLLBACK", (), exc) from None
+            error = self._error("ROLLBACK", (), exc)
+            raise error from error.__cause__
 
     def in_transaction(self) -> bool:
         """Whether the driver still has a transaction open (a rollback failed), or cannot say."""
@@ -1117,6 +1140,16 @@ class _SQLTransaction:
         # FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers.
         row = self._run(self._q.lock_event, {"k_event_id": event_id}).one_or_none()
         return None if row is None else _load_event(row)
+
+    def lock_events(self, event_ids: Sequence[str]) -> Sequence[ProcessedEvent]:
+        ids = sorted(set(event_ids))
+        if not ids:
+            return []
+        stmt = self._q.lock_events.get(len(ids))
+        if stmt is None:
+            stmt = self._q.lock_events[len(ids)] = _lock_events(len(ids))
+        params = {f"k_event_id_{i}": event_id for i, event_id in enumerate(ids)}
+        return [_load_event(row) for row in self._run(stmt, params)]
 
     def claim_events(
         self, now: datetime, *, limit: int, lease: timedelta
@@ -1535,6 +1568,7 @@ class SQLStorage:
         #: Connections between two transactions, still checked out of the pool
         #: (see `_checkout`). deque's append and pop are atomic: no lock needed.
         self._idle: deque[PoolProxiedConnection] = deque()
+        self._idle_pid = os.getpid()
         try:
             if self._postgres:
                 self._engine = sa.create_engine(parsed)
@@ -1552,6 +1586,8 @@ class SQLStorage:
             raise ConfigError(_MISSING_EXTRA) from exc
         except sa.exc.ArgumentError:
             raise ConfigError(f"unusable storage URL {self._display!r}: {_EXPECTED_URL}") from None
+        #: How many connections are kept between transactions: the pool's size.
+        self._keep_idle: int = getattr(self._engine.pool, "size", lambda: 5)()
 
     def __repr__(self) -> str:
         return f"<SQLStorage {self._display}>"
@@ -1589,11 +1625,12 @@ class SQLStorage:
             finally:
                 self._local.tx = None
             if tx.failed is not None:
-                _rollback(tx, None)
-                raise StorageError(
+                failure = StorageError(
                     f"rolled back: a statement in this transaction failed ({tx.failed})",
                     transient=tx.failed_transient,
                 )
+                _rollback(tx, failure)  # a failed rollback is noted on it
+                raise failure
             try:
                 tx.commit()
             except StorageError as exc:
@@ -1648,11 +1685,14 @@ class SQLStorage:
     def _checkout(self) -> PoolProxiedConnection:
         """A driver connection for one transaction: an idle one, else one from the pool.
 
-        A connection goes back to the pool only when the storage closes (or it
-        broke): a pool checkout and checkin cost about three times an empty
-        SQLite transaction. The pool still bounds how many connections exist,
-        since the idle ones never left it, and any thread takes any idle one.
+        A connection goes back to the pool only when the storage closes, it
+        broke, or more than the pool's size are idle: a pool checkout and
+        checkin cost about three times an empty SQLite transaction. The pool
+        still bounds how many exist, since the idle ones never left it, and
+        any thread takes any idle one.
         """
+        if self._idle_pid != os.getpid():
+            self._after_fork()
         try:
             return self._idle.pop()
         except IndexError:
@@ -1666,22 +1706,38 @@ class SQLStorage:
         """Keep the connection for the next transaction, unless it broke or the storage closed."""
         if tx.broken:
             pooled.invalidate()
-        if tx.broken or self._closed or tx.in_transaction():
+            # The server dropped this one, so it may have dropped every idle
+            # one too (a restart): let the next transactions connect afresh.
+            self._close_idle(invalidate=True)
+        if tx.broken or self._closed or tx.in_transaction() or len(self._idle) >= self._keep_idle:
             pooled.close()
             return
         self._idle.append(pooled)
         if self._is_closed():  # close() ran meanwhile and may have missed it
             self._close_idle()
 
-    def _is_closed(self) -> bool:
-        return self._closed
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections, unclosed, as SQLAlchemy advises.
 
-    def _close_idle(self) -> None:
+        Closing them would end the parent's sessions (they share the sockets);
+        psycopg does not close a connection that another process opened.
+        """
+        self._idle = deque()
+        self._idle_pid = os.getpid()
+        self._engine.dispose(close=False)
+
+    def _close_idle(self, *, invalidate: bool = False) -> None:
         while True:
             try:
-                self._idle.pop().close()
+                pooled = self._idle.pop()
             except IndexError:
                 return
+            if invalidate:
+                pooled.invalidate()
+            pooled.close()
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _ensure_schema(self) -> None:
         if self._schema_ready:
@@ -1728,11 +1784,12 @@ _TRANSIENT_SQLSTATES: Final = frozenset({"40P01", "40001", "55P03"})
 
 
 def _transient(exc: Any) -> bool:
-    """Whether a driver error may pass if the transaction runs again."""
-    if getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-        return True
-    # sqlite3: SQLITE_BUSY / SQLITE_LOCKED after the busy timeout.
-    return type(exc).__name__ == "OperationalError" and "locked" in str(exc)
+    """Whether a driver error may pass if the transaction runs again at once.
+
+    SQLite's "database is locked" is not: it comes after the 30 s busy
+    timeout, and waiting that long again would keep Stripe waiting minutes.
+    """
+    return getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES
 
 
 def _rollback(tx: _SQLTransaction, exc: BaseException | None) -> bool:

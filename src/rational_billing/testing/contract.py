@@ -835,6 +835,17 @@ class StorageContract:
             assert tx.lock_event("evt_1") == event
             assert tx.lock_event("evt_unknown") is None
 
+    def test_lock_events_returns_the_stored_ones_in_id_order(self, storage: Storage) -> None:
+        """lock_events returns the stored events among the ids, in id order, each once."""
+        with storage.transaction() as tx:
+            for event_id in ("evt_b", "evt_a", "evt_c"):
+                tx.record_event(_event(event_id, outcome=EventOutcome.PENDING, payload=b"{}"))
+        with storage.transaction() as tx:
+            found = tx.lock_events(["evt_c", "evt_x", "evt_a", "evt_c"])
+            assert [e.event_id for e in found] == ["evt_a", "evt_c"]
+            assert found[0] == _event("evt_a", outcome=EventOutcome.PENDING, payload=b"{}")
+            assert list(tx.lock_events([])) == []
+
     def test_update_event_keeps_the_body(self, storage: Storage) -> None:
         """An update keeps the stored body byte for byte, or fills it in when none was stored."""
         body = '{"id": "evt_1", "x": "é"}'.encode() + b"\x00\xff\n"
