@@ -436,16 +436,17 @@ def test_after_a_server_restart_only_one_transaction_fails(
     import psycopg
 
     storage = open_storage(pg_storage_url)
-    both = threading.Barrier(2)
+    together = threading.Barrier(8)
 
     def overlap() -> None:
         with storage.transaction() as tx:
             tx.get_customer("t1", "c1")
-            both.wait(timeout=10)
+            together.wait(timeout=10)
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda _: overlap(), range(2)))
-    assert len(storage._idle) == 2
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: overlap(), range(8)))
+    # 5 kept between transactions (the pool's size), 3 back in the pool.
+    assert len(storage._idle) == 5
     name = pg_storage_url.rsplit("/", 1)[1]
     with psycopg.connect(pg_storage_url.replace("+psycopg", ""), autocommit=True) as admin:
         admin.execute(
@@ -488,6 +489,27 @@ def _write_in_child(storage: SQLStorage, parents: list[int]) -> None:
     # The child kept a connection of its own, none of the parent's.
     assert storage._idle
     assert not {id(c) for c in storage._idle} & set(parents)
+    storage.close()  # closes the child's connections only
+
+
+def _close_in_child(storage: SQLStorage) -> None:
+    storage.close()
+
+
+def test_closing_in_a_forked_child_leaves_the_parents_sessions(any_url: str) -> None:
+    """A child that closes the storage without using it does not end the parent's sessions."""
+    import multiprocessing
+
+    storage = SQLStorage(any_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("before"))
+    child = multiprocessing.get_context("fork").Process(target=_close_in_child, args=(storage,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("after"))
+    storage.close()
 
 
 # -- PostgreSQL ---------------------------------------------------------------------

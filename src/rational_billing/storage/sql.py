@@ -1569,9 +1569,14 @@ class SQLStorage:
         #: (see `_checkout`). deque's append and pop are atomic: no lock needed.
         self._idle: deque[PoolProxiedConnection] = deque()
         self._idle_pid = os.getpid()
+        self._inherited: deque[PoolProxiedConnection] = deque()  # see _forget_parents_connections
+        self._fork_lock = threading.Lock()
         try:
             if self._postgres:
-                self._engine = sa.create_engine(parsed)
+                # A pooled connection is checked before use: after a server
+                # restart the pool hands out none of the dead ones (kept
+                # connections are dropped when one of them is found dead).
+                self._engine = sa.create_engine(parsed, pool_pre_ping=True)
             else:
                 # Named parameters, as psycopg's: statements run on the driver
                 # with the caller's dict (see _driver_form).
@@ -1671,6 +1676,7 @@ class SQLStorage:
 
     def close(self) -> None:
         """Close every pooled connection; later transactions raise `StorageError`."""
+        self._forget_parents_connections()  # in a forked child, closing them would end the parent's
         self._closed = True
         self._close_idle()
         self._engine.dispose()
@@ -1691,8 +1697,7 @@ class SQLStorage:
         still bounds how many exist, since the idle ones never left it, and
         any thread takes any idle one.
         """
-        if self._idle_pid != os.getpid():
-            self._after_fork()
+        self._forget_parents_connections()
         try:
             return self._idle.pop()
         except IndexError:
@@ -1716,15 +1721,24 @@ class SQLStorage:
         if self._is_closed():  # close() ran meanwhile and may have missed it
             self._close_idle()
 
-    def _after_fork(self) -> None:
+    def _forget_parents_connections(self) -> None:
         """In a forked child: forget the parent's connections, unclosed, as SQLAlchemy advises.
 
-        Closing them would end the parent's sessions (they share the sockets);
-        psycopg does not close a connection that another process opened.
+        Closing them would end the parent's sessions (they share the
+        sockets). The first thread of the child to get here does it; the new
+        pool is in place before any thread can take from it.
         """
-        self._idle = deque()
-        self._idle_pid = os.getpid()
-        self._engine.dispose(close=False)
+        if self._idle_pid == os.getpid():
+            return
+        with self._fork_lock:
+            if self._idle_pid == os.getpid():
+                return
+            self._engine.dispose(close=False)
+            # Kept referenced, never used: dropping them would only make
+            # psycopg warn that a connection was deleted while open.
+            self._inherited = self._idle
+            self._idle = deque()
+            self._idle_pid = os.getpid()
 
     def _close_idle(self, *, invalidate: bool = False) -> None:
         while True:
