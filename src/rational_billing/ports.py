@@ -191,7 +191,10 @@ class Transaction(Protocol):
         None) and ``failed`` events whose ``next_attempt_at`` has come. A
         claimed event is not claimed again before ``now + lease`` unless it is
         written again (`update_event` ends the lease). Concurrent claims never
-        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``). Each
+        claim counts as an attempt: the claimed events are stored, and
+        returned, with ``attempts`` one higher, so that an event whose worker
+        died applying it is known when it is claimed again.
         """
         ...
 

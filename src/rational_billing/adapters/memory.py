@@ -362,9 +362,13 @@ class _MemoryTransaction:
                 if at is not None and at <= now:
                     due.append((at, event_id))
         due.sort()
-        claimed = [s._events[event_id] for _, event_id in due[:limit]]
-        for event in claimed:
-            s._set(s._event_leases, event.event_id, now + lease)
+        claimed = []
+        for _, event_id in due[:limit]:
+            event = s._events[event_id]
+            event = attrs.evolve(event, attempts=event.attempts + 1)
+            self._put_event(event)
+            s._set(s._event_leases, event_id, now + lease)
+            claimed.append(event)
         return claimed
 
     def list_events(

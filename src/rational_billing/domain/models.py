@@ -275,6 +275,9 @@ class ProcessedEvent:
     ``payload`` keeps the raw body for events that still have to be applied
     (held or pending) and for replay. ``next_attempt_at`` is when an inbox
     worker may next try a pending or failed event (None: not scheduled).
+    ``attempts`` counts the tries: each application by a delivery or a
+    replay, and each claim by an inbox worker (whose application is then not
+    counted again), so a worker that died applying an event still counts.
     """
 
     event_id: str

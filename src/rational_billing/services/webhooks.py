@@ -422,13 +422,42 @@ class WebhookRouter:
                 break
         return taken
 
-    def _claim(self, limit: int, lease: timedelta) -> Sequence[ProcessedEvent]:
-        """Lease up to ``limit`` due events in a transaction of their own (retried if transient)."""
+    def _claim(
+        self, limit: int, lease: timedelta
+    ) -> tuple[list[ProcessedEvent], ProcessedEvent | None]:
+        """Lease up to ``limit`` due events in a transaction of their own.
+
+        Returns the events claimed for the first time, to apply as a batch,
+        and at most one that was claimed or tried before (a failure to retry,
+        or an event whose worker died applying it), to apply on its own: the
+        other such events are released at once for the next claims, so that
+        one event that kills its worker holds up nothing else. One claimed
+        more than `MAX_ATTEMPTS` times is given up. A transient storage
+        failure is retried.
+        """
         attempt = 1
         while True:
             try:
                 with self._storage.transaction() as tx:
-                    return tx.claim_events(self._clock(), limit=limit, lease=lease)
+                    claimed = tx.claim_events(self._clock(), limit=limit, lease=lease)
+                    fresh = [e for e in claimed if e.attempts == 1]
+                    retried = [e for e in claimed if e.attempts > 1]
+                    # Released as they were before this claim: due again at once.
+                    writes = [attrs.evolve(e, attempts=e.attempts - 1) for e in retried[1:]]
+                    alone = retried[0] if retried else None
+                    if alone is not None and alone.attempts > MAX_ATTEMPTS:
+                        reason = (
+                            f"given up after {alone.attempts - 1} attempts "
+                            "(a worker may have died applying it)"
+                        )
+                        log.error("webhook %s: %s", alone.event_id, reason)
+                        failed = attrs.evolve(
+                            alone, outcome=_FAILED, reason=reason, next_attempt_at=None
+                        )
+                        writes.append(failed)
+                        alone = None
+                    tx.update_events(writes)
+                return fresh, alone
             except StorageError as exc:
                 if not exc.transient or attempt >= TRANSIENT_TRIES:
                     raise
@@ -436,20 +465,29 @@ class WebhookRouter:
                 attempt += 1
 
     def _claim_and_apply(self, limit: int, lease: timedelta) -> int:
-        """Claim up to ``limit`` due events, then apply them in one transaction.
+        """Claim up to ``limit`` due events and apply them; returns how many were taken.
 
         The claim commits first, so that a worker that dies while applying
         (killed, out of memory) leaves its events leased: the others go on
-        with other events, and take these when the lease runs out. The batch
-        is then locked in one statement (`Transaction.lock_events`); an event
-        that a redelivery or another worker applied meanwhile is skipped. If
-        applying raises, the batch rolls back and its events are applied
-        again one transaction each (each locked as `handle` locks it).
-        Returns how many events were claimed.
+        with other events, and take these when the lease runs out, one at a
+        time (see `_claim`). Events claimed for the first time are applied as
+        one batch; then the one retried event, on its own.
         """
-        claimed = self._claim(limit, lease)
-        if not claimed:
-            return 0
+        fresh, alone = self._claim(limit, lease)
+        if fresh:
+            self._apply_batch(fresh)
+        if alone is not None:
+            self._apply_stored(alone, force=False, counted=True)
+        return len(fresh) + (alone is not None)
+
+    def _apply_batch(self, claimed: Sequence[ProcessedEvent]) -> None:
+        """Apply claimed events in one transaction; one transaction each if that fails.
+
+        The batch is locked in one statement (`Transaction.lock_events`); an
+        event that a redelivery or another worker applied meanwhile is
+        skipped. If applying raises, the batch rolls back and its events are
+        applied again one transaction each (each locked as `handle` locks it).
+        """
         ready: list[tuple[ProcessedEvent, dict[str, Any], bytes]] = []
         done: list[tuple[dict[str, Any], EventOutcome, str | None, str | None]] = []
         deferred: list[tuple[str, list[Callable[[], None]]]] = []
@@ -500,11 +538,12 @@ class WebhookRouter:
                 failing = None
             if failing is not None:
                 stored, event, payload = ready[failing]
-                self._record_failure(event, payload, exc, self._clock(), stored.received_at, False)
+                now = self._clock()
+                self._record_failure(event, payload, exc, now, stored.received_at, False, True)
             for claim in claimed:
                 if failing is None or claim.event_id != ready[failing][0].event_id:
-                    self._apply_stored(claim, force=False)
-            return len(claimed)
+                    self._apply_stored(claim, force=False, counted=True)
+            return
         for event_id, work in deferred:
             self._run_after_commit(work, event_id)
         if log.isEnabledFor(logging.INFO):
@@ -517,16 +556,25 @@ class WebhookRouter:
                     outcome.value,
                     f" ({reason})" if reason else "",
                 )
-        return len(claimed)
 
-    def _apply_stored(self, stored: ProcessedEvent, *, force: bool) -> WebhookResponse | None:
-        """Apply a stored event from its body; None when the body is gone or unreadable."""
+    def _apply_stored(
+        self, stored: ProcessedEvent, *, force: bool, counted: bool = False
+    ) -> WebhookResponse | None:
+        """Apply a stored event from its body; None when the body is gone or unreadable.
+
+        ``counted``: the event's claim already counted this attempt.
+        """
         event, problem = _stored_body(stored)
         if event is None or stored.payload is None:
             self._give_up(stored, problem)
             return None
         return self._apply(
-            event, stored.payload, self._clock(), received_at=stored.received_at, force=force
+            event,
+            stored.payload,
+            self._clock(),
+            received_at=stored.received_at,
+            force=force,
+            counted=counted,
         )
 
     def _give_up(self, stored: ProcessedEvent, reason: str) -> None:
@@ -547,6 +595,7 @@ class WebhookRouter:
         *,
         received_at: datetime | None = None,
         force: bool = False,
+        counted: bool = False,
     ) -> WebhookResponse:
         event_id: str = event["id"]
         attempt = 1
@@ -555,7 +604,7 @@ class WebhookRouter:
             try:
                 with self._storage.transaction() as tx:
                     outcome, reason, tenant_id = self._apply_in(
-                        tx, event, payload, received_at or now, force, after
+                        tx, event, payload, received_at or now, force, after, counted=counted
                     )
                 break
             except _StoredMeanwhile:
@@ -569,10 +618,10 @@ class WebhookRouter:
                     time.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 (jitter)
                     continue
                 log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-                return self._failed(event, payload, exc, now, received_at, force)
+                return self._failed(event, payload, exc, now, received_at, force, counted)
             except Exception as exc:
                 log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-                return self._failed(event, payload, exc, now, received_at, force)
+                return self._failed(event, payload, exc, now, received_at, force, counted)
         if after:
             self._run_after_commit(after, event_id)
         if log.isEnabledFor(logging.INFO):
@@ -594,8 +643,9 @@ class WebhookRouter:
         now: datetime,
         received_at: datetime | None,
         force: bool,
+        counted: bool,
     ) -> WebhookResponse:
-        self._record_failure(event, payload, exc, now, received_at, force)
+        self._record_failure(event, payload, exc, now, received_at, force, counted)
         return WebhookResponse(500, _FAILED, event["id"], "processing failed; retry")
 
     def _apply_in(
@@ -608,6 +658,8 @@ class WebhookRouter:
         after: list[Callable[[], None]],
         claimed: ProcessedEvent | None = None,
         updates: list[ProcessedEvent] | None = None,
+        *,
+        counted: bool = False,
     ) -> tuple[EventOutcome, str | None, str | None]:
         # A stored event is locked, so that a concurrent delivery or worker
         # applying it waits and then sees our outcome. One that this
@@ -625,7 +677,8 @@ class WebhookRouter:
             )
         else:
             outcome, why = self._dispatch(tx, tenant, event, after)
-            attempts += 1
+            if not (counted or claimed is not None):  # a claim counts its own attempt
+                attempts += 1
         tenant_id = None if tenant is None else tenant.id
         if stored is not None:
             record = attrs.evolve(
@@ -694,6 +747,7 @@ class WebhookRouter:
         now: datetime,
         received_at: datetime | None,
         force: bool,
+        counted: bool = False,
     ) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:1000]
         try:
@@ -707,7 +761,7 @@ class WebhookRouter:
                         )
                     )
                 elif force or stored.outcome in _REAPPLY:
-                    attempts = stored.attempts + 1
+                    attempts = stored.attempts + (0 if counted else 1)
                     tx.update_event(
                         attrs.evolve(
                             stored,

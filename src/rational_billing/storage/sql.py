@@ -641,9 +641,12 @@ class _Queries:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        # Run once per claimed event, in one executemany (no IN list to expand).
+        # Run once per claimed event, in one executemany (no IN list to expand):
+        # the lease, and the event with its attempt counted.
         self.lease_event = (
-            sa.update(e).where(e.c.event_id == _p("event_id")).values(due_us=_p("until"))
+            sa.update(e)
+            .where(e.c.event_id == _p("event_id"))
+            .values(due_us=_p("until"), data=_p("data"))
         )
         #: (since?, number of types or None, after?) -> the listing statement.
         self.list_events: dict[tuple[bool, int | None, bool], sa.Select[Any]] = {}
@@ -1158,12 +1161,15 @@ class _SQLTransaction:
         rows = self._run(self._q.due_events, params).all()
         if not rows:
             return []
+        claimed = [_load_event(row, 1) for row in rows]
+        claimed = [attrs.evolve(e, attempts=e.attempts + 1) for e in claimed]
         # The lease moves the due time: a crashed worker's events fall due again.
         until = _micros(now + lease)
-        self._run_many(
-            self._q.lease_event, [{"k_event_id": row[0], "k_until": until} for row in rows]
-        )
-        return [_load_event(row, 1) for row in rows]
+        leases = [
+            {"k_event_id": e.event_id, "k_until": until, "k_data": _event_data(e)} for e in claimed
+        ]
+        self._run_many(self._q.lease_event, leases)
+        return claimed
 
     def list_events(
         self,
