@@ -498,6 +498,30 @@ def test_an_event_that_kills_its_worker_holds_up_nothing_and_is_given_up(
     assert gone.next_attempt_at is None
 
 
+def test_failed_events_due_together_are_retried_as_one_batch(
+    billing: Billing, clock: _Clock
+) -> None:
+    """Events that failed cleanly (an outage downstream) are retried in batches, not one by one."""
+    for n in range(5):
+        link_directly(billing, f"cus_O{n}")
+    down = {"yes": True}
+    applied = _count_effects(billing)
+
+    @billing.webhooks.on("customer.updated")
+    def downstream(ctx: Any) -> None:
+        if down["yes"]:
+            raise RuntimeError("downstream is down")
+
+    for n in range(5):
+        _receive(billing, _updated(f"cus_O{n}", f"o{n}@example.com"))
+    assert billing.webhooks.process_pending() == 5
+    assert applied == []
+    down["yes"] = False
+    clock.advance(seconds=30)
+    assert billing.webhooks.process_pending() == 5  # one call, one batch
+    assert len(applied) == 5
+
+
 # -- real concurrency: a worker and a redelivery racing for one pending event --------
 
 

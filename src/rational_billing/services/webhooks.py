@@ -220,6 +220,37 @@ def _stored_body(stored: ProcessedEvent) -> tuple[dict[str, Any] | None, str]:
         return None, f"the stored body cannot be applied: {exc}"
 
 
+def _sort_claimed(
+    claimed: Sequence[ProcessedEvent],
+) -> tuple[list[ProcessedEvent], list[ProcessedEvent], list[ProcessedEvent]]:
+    """Claimed events as (batch, suspects, writes): see `WebhookRouter._claim`.
+
+    A pending event is only ever claimed, never attempted otherwise, so one
+    whose claim made ``attempts`` more than 1 was claimed before by a worker
+    that never recorded an outcome. The writes release every suspect but the
+    first (as it was before this claim: due again at once) and give up the
+    events claimed too often.
+    """
+    batch: list[ProcessedEvent] = []
+    suspects: list[ProcessedEvent] = []
+    writes: list[ProcessedEvent] = []
+    for event in claimed:
+        if event.attempts > MAX_ATTEMPTS:
+            reason = (
+                f"given up after {event.attempts - 1} attempts (a worker may have died applying it)"
+            )
+            log.error("webhook %s: %s", event.event_id, reason)
+            writes.append(attrs.evolve(event, outcome=_FAILED, reason=reason, next_attempt_at=None))
+        elif event.outcome is _PENDING and event.attempts > 1:
+            if suspects:
+                writes.append(attrs.evolve(event, attempts=event.attempts - 1))
+            else:
+                suspects.append(event)
+        else:
+            batch.append(event)
+    return batch, suspects, writes
+
+
 class _StoredMeanwhile(Exception):
     """A concurrent delivery stored the event first: roll back ours, answer 'duplicate'."""
 
@@ -427,37 +458,23 @@ class WebhookRouter:
     ) -> tuple[list[ProcessedEvent], ProcessedEvent | None]:
         """Lease up to ``limit`` due events in a transaction of their own.
 
-        Returns the events claimed for the first time, to apply as a batch,
-        and at most one that was claimed or tried before (a failure to retry,
-        or an event whose worker died applying it), to apply on its own: the
-        other such events are released at once for the next claims, so that
-        one event that kills its worker holds up nothing else. One claimed
-        more than `MAX_ATTEMPTS` times is given up. A transient storage
-        failure is retried.
+        Returns the events to apply as a batch (pending ones claimed for the
+        first time, and failed ones due for a retry, whose last attempt
+        ended cleanly) and at most one *suspect*: a pending event claimed
+        before whose worker never finished it (it died). A suspect is applied
+        on its own, and the other suspects are released at once for the next
+        claims, so that an event that kills its worker holds up nothing else.
+        An event claimed more than `MAX_ATTEMPTS` times is given up
+        (recorded failed). A transient storage failure is retried.
         """
         attempt = 1
         while True:
             try:
                 with self._storage.transaction() as tx:
                     claimed = tx.claim_events(self._clock(), limit=limit, lease=lease)
-                    fresh = [e for e in claimed if e.attempts == 1]
-                    retried = [e for e in claimed if e.attempts > 1]
-                    # Released as they were before this claim: due again at once.
-                    writes = [attrs.evolve(e, attempts=e.attempts - 1) for e in retried[1:]]
-                    alone = retried[0] if retried else None
-                    if alone is not None and alone.attempts > MAX_ATTEMPTS:
-                        reason = (
-                            f"given up after {alone.attempts - 1} attempts "
-                            "(a worker may have died applying it)"
-                        )
-                        log.error("webhook %s: %s", alone.event_id, reason)
-                        failed = attrs.evolve(
-                            alone, outcome=_FAILED, reason=reason, next_attempt_at=None
-                        )
-                        writes.append(failed)
-                        alone = None
+                    batch, suspects, writes = _sort_claimed(claimed)
                     tx.update_events(writes)
-                return fresh, alone
+                return batch, (suspects[0] if suspects else None)
             except StorageError as exc:
                 if not exc.transient or attempt >= TRANSIENT_TRIES:
                     raise
@@ -470,15 +487,15 @@ class WebhookRouter:
         The claim commits first, so that a worker that dies while applying
         (killed, out of memory) leaves its events leased: the others go on
         with other events, and take these when the lease runs out, one at a
-        time (see `_claim`). Events claimed for the first time are applied as
-        one batch; then the one retried event, on its own.
+        time (see `_claim`). The batch is applied first, then the suspect, on
+        its own.
         """
-        fresh, alone = self._claim(limit, lease)
-        if fresh:
-            self._apply_batch(fresh)
-        if alone is not None:
-            self._apply_stored(alone, force=False, counted=True)
-        return len(fresh) + (alone is not None)
+        batch, suspect = self._claim(limit, lease)
+        if batch:
+            self._apply_batch(batch)
+        if suspect is not None:
+            self._apply_stored(suspect, force=False, counted=True)
+        return len(batch) + (suspect is not None)
 
     def _apply_batch(self, claimed: Sequence[ProcessedEvent]) -> None:
         """Apply claimed events in one transaction; one transaction each if that fails.
