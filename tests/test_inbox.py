@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -484,9 +484,10 @@ def test_an_event_that_kills_its_worker_holds_up_nothing_and_is_given_up(
     assert sorted(results) == ["1", "killed"]
     assert applied == [later["id"], innocent["id"]]
     kept = stored_event(billing, innocent["id"])
-    assert kept is not None and (kept.outcome, kept.attempts) == (EventOutcome.APPLIED, 2)
+    assert kept is not None
+    assert (kept.outcome, kept.attempts, kept.claims) == (EventOutcome.APPLIED, 1, 0)
 
-    for _ in range(webhooks_module.MAX_ATTEMPTS - 2):
+    for _ in range(webhooks_module.MAX_UNFINISHED_CLAIMS - 2):
         clock.advance(seconds=lease)
         with pytest.raises(_WorkerKilled):
             billing.webhooks.process_pending()
@@ -494,8 +495,41 @@ def test_an_event_that_kills_its_worker_holds_up_nothing_and_is_given_up(
     assert billing.webhooks.process_pending() == 0  # given up, not claimed again
     gone = stored_event(billing, poison["id"])
     assert gone is not None and gone.outcome is EventOutcome.FAILED
-    assert "given up after 25 attempts" in (gone.reason or "")
+    assert "given up: 5 workers claimed it" in (gone.reason or "")
     assert gone.next_attempt_at is None
+
+
+def test_a_failed_event_that_kills_its_worker_on_retry_holds_up_nothing(
+    billing: Billing, clock: _Clock
+) -> None:
+    """A retry that kills its worker is found out like a first try: its batchmates get through."""
+    for n in range(4):
+        link_directly(billing, f"cus_R{n}")
+    applied = _count_effects(billing)
+    mode = {"poison": "raise"}
+
+    @billing.webhooks.on("customer.updated")
+    def flaky_then_deadly(ctx: Any) -> None:
+        if ctx.object["id"] == "cus_R0":
+            if mode["poison"] == "raise":
+                raise RuntimeError("downstream hiccup")
+            raise _WorkerKilled
+
+    retried = _updated("cus_R0", "r0@example.com")
+    _receive(billing, retried)
+    assert billing.webhooks.process_pending() == 1  # failed cleanly, retried in 30 s
+    mode["poison"] = "kill"
+    others = [_updated(f"cus_R{n}", f"r{n}@example.com") for n in (1, 2, 3)]
+    for event in others:
+        _receive(billing, event)
+    clock.advance(seconds=30)
+    with pytest.raises(_WorkerKilled):  # the retry, batched with the new ones, kills the worker
+        billing.webhooks.process_pending()
+    clock.advance(seconds=webhooks_module.DEFAULT_LEASE.total_seconds())
+    for _ in range(len(others) + 1):  # one suspect per claim, the others released
+        with suppress(_WorkerKilled):
+            billing.webhooks.process_pending()
+    assert sorted(applied) == sorted(e["id"] for e in others)
 
 
 def test_failed_events_due_together_are_retried_as_one_batch(
@@ -646,6 +680,7 @@ def test_stored_event_json_matches_the_converter() -> None:
         attempts=2,
         received_at=T0 + timedelta(microseconds=5),
         next_attempt_at=T0 + timedelta(minutes=1),
+        claims=1,
     )
     expected = unstructure(event)
     del expected["payload"]
@@ -654,7 +689,8 @@ def test_stored_event_json_matches_the_converter() -> None:
     assert {f.name for f in attrs.fields(ProcessedEvent)} == {*expected, "payload"}
     assert sql_module._load_event((data, b"{}")) == event
     del expected["next_attempt_at"]  # as version 1 wrote it: read through the converter
-    legacy = attrs.evolve(event, next_attempt_at=None)
+    del expected["claims"]
+    legacy = attrs.evolve(event, next_attempt_at=None, claims=0)
     assert sql_module._load_event((json.dumps(expected), b"{}")) == legacy
 
 

@@ -192,9 +192,9 @@ class Transaction(Protocol):
         claimed event is not claimed again before ``now + lease`` unless it is
         written again (`update_event` ends the lease). Concurrent claims never
         return the same event (PostgreSQL: ``FOR UPDATE SKIP LOCKED``). Each
-        claim counts as an attempt: the claimed events are stored, and
-        returned, with ``attempts`` one higher, so that an event whose worker
-        died applying it is known when it is claimed again.
+        claim is counted: the claimed events are stored, and returned, with
+        ``claims`` one higher, so that an event whose worker died applying it
+        is known when it is claimed again.
         """
         ...
 

@@ -365,7 +365,7 @@ class _MemoryTransaction:
         claimed = []
         for _, event_id in due[:limit]:
             event = s._events[event_id]
-            event = attrs.evolve(event, attempts=event.attempts + 1)
+            event = attrs.evolve(event, claims=event.claims + 1)
             self._put_event(event)
             s._set(s._event_leases, event_id, now + lease)
             claimed.append(event)

@@ -275,9 +275,9 @@ class ProcessedEvent:
     ``payload`` keeps the raw body for events that still have to be applied
     (held or pending) and for replay. ``next_attempt_at`` is when an inbox
     worker may next try a pending or failed event (None: not scheduled).
-    ``attempts`` counts the tries: each application by a delivery or a
-    replay, and each claim by an inbox worker (whose application is then not
-    counted again), so a worker that died applying an event still counts.
+    ``attempts`` counts the applications tried. ``claims`` counts the inbox
+    workers that claimed the event since its last recorded outcome: above 1,
+    a worker died applying it (see `WebhookRouter.process_pending`).
     """
 
     event_id: str
@@ -293,6 +293,7 @@ class ProcessedEvent:
     attempts: int = 0
     received_at: datetime = attrs.field(factory=lambda: datetime.now(UTC), converter=utc)
     next_attempt_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    claims: int = 0
 
 
 class OutboxState(enum.Enum):

@@ -75,6 +75,9 @@ _REAPPLY: Final = frozenset({_PENDING, _FAILED, _HELD})
 RETRY_BASE: Final = timedelta(seconds=30)
 RETRY_CAP: Final = timedelta(hours=1)
 MAX_ATTEMPTS: Final = 25
+#: An event that this many inbox workers claimed without recording an outcome
+#: (they died applying it: out of memory, killed at a time limit) is given up.
+MAX_UNFINISHED_CLAIMS: Final = 5
 #: How long a worker holds the events it claimed before others may take them.
 DEFAULT_LEASE: Final = timedelta(minutes=5)
 #: `WebhookRouter.process_pending` applies claimed events this many per transaction.
@@ -225,25 +228,29 @@ def _sort_claimed(
 ) -> tuple[list[ProcessedEvent], list[ProcessedEvent], list[ProcessedEvent]]:
     """Claimed events as (batch, suspects, writes): see `WebhookRouter._claim`.
 
-    A pending event is only ever claimed, never attempted otherwise, so one
-    whose claim made ``attempts`` more than 1 was claimed before by a worker
-    that never recorded an outcome. The writes release every suspect but the
-    first (as it was before this claim: due again at once) and give up the
-    events claimed too often.
+    Every recorded outcome sets ``claims`` back to 0, so an event whose claim
+    made it more than 1 was claimed before by a worker that never recorded
+    one: it died. The writes release every suspect but the first (as it was
+    before this claim: due again at once) and give up the events claimed
+    `MAX_UNFINISHED_CLAIMS` times without an outcome.
     """
     batch: list[ProcessedEvent] = []
     suspects: list[ProcessedEvent] = []
     writes: list[ProcessedEvent] = []
     for event in claimed:
-        if event.attempts > MAX_ATTEMPTS:
+        unfinished = event.claims - 1
+        if unfinished >= MAX_UNFINISHED_CLAIMS:
             reason = (
-                f"given up after {event.attempts - 1} attempts (a worker may have died applying it)"
+                f"given up: {unfinished} workers claimed it and never recorded an outcome "
+                "(they may have died applying it)"
             )
             log.error("webhook %s: %s", event.event_id, reason)
-            writes.append(attrs.evolve(event, outcome=_FAILED, reason=reason, next_attempt_at=None))
-        elif event.outcome is _PENDING and event.attempts > 1:
+            writes.append(
+                attrs.evolve(event, outcome=_FAILED, reason=reason, next_attempt_at=None, claims=0)
+            )
+        elif unfinished:
             if suspects:
-                writes.append(attrs.evolve(event, attempts=event.attempts - 1))
+                writes.append(attrs.evolve(event, claims=event.claims - 1))
             else:
                 suspects.append(event)
         else:
@@ -458,13 +465,12 @@ class WebhookRouter:
     ) -> tuple[list[ProcessedEvent], ProcessedEvent | None]:
         """Lease up to ``limit`` due events in a transaction of their own.
 
-        Returns the events to apply as a batch (pending ones claimed for the
-        first time, and failed ones due for a retry, whose last attempt
-        ended cleanly) and at most one *suspect*: a pending event claimed
-        before whose worker never finished it (it died). A suspect is applied
-        on its own, and the other suspects are released at once for the next
-        claims, so that an event that kills its worker holds up nothing else.
-        An event claimed more than `MAX_ATTEMPTS` times is given up
+        Returns the events to apply as a batch and at most one *suspect*: an
+        event claimed before by a worker that never recorded an outcome for
+        it (it died). A suspect is applied on its own, and the other suspects
+        are released at once for the next claims, so that an event that
+        kills its worker holds up nothing else. An event claimed
+        `MAX_UNFINISHED_CLAIMS` times without an outcome is given up
         (recorded failed). A transient storage failure is retried.
         """
         attempt = 1
@@ -494,7 +500,7 @@ class WebhookRouter:
         if batch:
             self._apply_batch(batch)
         if suspect is not None:
-            self._apply_stored(suspect, force=False, counted=True)
+            self._apply_stored(suspect, force=False)
         return len(batch) + (suspect is not None)
 
     def _apply_batch(self, claimed: Sequence[ProcessedEvent]) -> None:
@@ -523,7 +529,11 @@ class WebhookRouter:
                         log.error("webhook %s cannot be applied: %s", stored.event_id, problem)
                         updates.append(
                             attrs.evolve(
-                                stored, outcome=_FAILED, reason=problem, next_attempt_at=None
+                                stored,
+                                outcome=_FAILED,
+                                reason=problem,
+                                next_attempt_at=None,
+                                claims=0,
                             )
                         )
                         continue
@@ -556,10 +566,10 @@ class WebhookRouter:
             if failing is not None:
                 stored, event, payload = ready[failing]
                 now = self._clock()
-                self._record_failure(event, payload, exc, now, stored.received_at, False, True)
+                self._record_failure(event, payload, exc, now, stored.received_at, False)
             for claim in claimed:
                 if failing is None or claim.event_id != ready[failing][0].event_id:
-                    self._apply_stored(claim, force=False, counted=True)
+                    self._apply_stored(claim, force=False)
             return
         for event_id, work in deferred:
             self._run_after_commit(work, event_id)
@@ -574,13 +584,8 @@ class WebhookRouter:
                     f" ({reason})" if reason else "",
                 )
 
-    def _apply_stored(
-        self, stored: ProcessedEvent, *, force: bool, counted: bool = False
-    ) -> WebhookResponse | None:
-        """Apply a stored event from its body; None when the body is gone or unreadable.
-
-        ``counted``: the event's claim already counted this attempt.
-        """
+    def _apply_stored(self, stored: ProcessedEvent, *, force: bool) -> WebhookResponse | None:
+        """Apply a stored event from its body; None when the body is gone or unreadable."""
         event, problem = _stored_body(stored)
         if event is None or stored.payload is None:
             self._give_up(stored, problem)
@@ -591,7 +596,6 @@ class WebhookRouter:
             self._clock(),
             received_at=stored.received_at,
             force=force,
-            counted=counted,
         )
 
     def _give_up(self, stored: ProcessedEvent, reason: str) -> None:
@@ -600,7 +604,9 @@ class WebhookRouter:
             current = tx.lock_event(stored.event_id)
             if current is not None and current.outcome in _REAPPLY:
                 tx.update_event(
-                    attrs.evolve(current, outcome=_FAILED, reason=reason, next_attempt_at=None)
+                    attrs.evolve(
+                        current, outcome=_FAILED, reason=reason, next_attempt_at=None, claims=0
+                    )
                 )
 
     # -- applying (shared by handle, process_pending, apply_held and replay) ----------
@@ -612,7 +618,6 @@ class WebhookRouter:
         *,
         received_at: datetime | None = None,
         force: bool = False,
-        counted: bool = False,
     ) -> WebhookResponse:
         event_id: str = event["id"]
         attempt = 1
@@ -621,7 +626,7 @@ class WebhookRouter:
             try:
                 with self._storage.transaction() as tx:
                     outcome, reason, tenant_id = self._apply_in(
-                        tx, event, payload, received_at or now, force, after, counted=counted
+                        tx, event, payload, received_at or now, force, after
                     )
                 break
             except _StoredMeanwhile:
@@ -635,10 +640,10 @@ class WebhookRouter:
                     time.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 (jitter)
                     continue
                 log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-                return self._failed(event, payload, exc, now, received_at, force, counted)
+                return self._failed(event, payload, exc, now, received_at, force)
             except Exception as exc:
                 log.exception("webhook %s (%s) failed and was rolled back", event_id, event["type"])
-                return self._failed(event, payload, exc, now, received_at, force, counted)
+                return self._failed(event, payload, exc, now, received_at, force)
         if after:
             self._run_after_commit(after, event_id)
         if log.isEnabledFor(logging.INFO):
@@ -660,9 +665,8 @@ class WebhookRouter:
         now: datetime,
         received_at: datetime | None,
         force: bool,
-        counted: bool,
     ) -> WebhookResponse:
-        self._record_failure(event, payload, exc, now, received_at, force, counted)
+        self._record_failure(event, payload, exc, now, received_at, force)
         return WebhookResponse(500, _FAILED, event["id"], "processing failed; retry")
 
     def _apply_in(
@@ -675,8 +679,6 @@ class WebhookRouter:
         after: list[Callable[[], None]],
         claimed: ProcessedEvent | None = None,
         updates: list[ProcessedEvent] | None = None,
-        *,
-        counted: bool = False,
     ) -> tuple[EventOutcome, str | None, str | None]:
         # A stored event is locked, so that a concurrent delivery or worker
         # applying it waits and then sees our outcome. One that this
@@ -694,8 +696,7 @@ class WebhookRouter:
             )
         else:
             outcome, why = self._dispatch(tx, tenant, event, after)
-            if not (counted or claimed is not None):  # a claim counts its own attempt
-                attempts += 1
+            attempts += 1
         tenant_id = None if tenant is None else tenant.id
         if stored is not None:
             record = attrs.evolve(
@@ -706,6 +707,7 @@ class WebhookRouter:
                 attempts=attempts,
                 payload=stored.payload or payload,
                 next_attempt_at=None,
+                claims=0,
             )
             if updates is None:
                 tx.update_event(record)
@@ -764,7 +766,6 @@ class WebhookRouter:
         now: datetime,
         received_at: datetime | None,
         force: bool,
-        counted: bool = False,
     ) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:1000]
         try:
@@ -778,7 +779,7 @@ class WebhookRouter:
                         )
                     )
                 elif force or stored.outcome in _REAPPLY:
-                    attempts = stored.attempts + (0 if counted else 1)
+                    attempts = stored.attempts + 1
                     tx.update_event(
                         attrs.evolve(
                             stored,
@@ -787,6 +788,7 @@ class WebhookRouter:
                             attempts=attempts,
                             payload=stored.payload or payload,
                             next_attempt_at=_retry_at(now, attempts),
+                            claims=0,
                         )
                     )
                 # Otherwise a concurrent delivery applied it meanwhile: keep that.

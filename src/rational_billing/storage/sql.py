@@ -642,7 +642,7 @@ class _Queries:
             .with_for_update(skip_locked=True)
         )
         # Run once per claimed event, in one executemany (no IN list to expand):
-        # the lease, and the event with its attempt counted.
+        # the lease, and the event with its claim counted.
         self.lease_event = (
             sa.update(e)
             .where(e.c.event_id == _p("event_id"))
@@ -1162,7 +1162,7 @@ class _SQLTransaction:
         if not rows:
             return []
         claimed = [_load_event(row, 1) for row in rows]
-        claimed = [attrs.evolve(e, attempts=e.attempts + 1) for e in claimed]
+        claimed = [attrs.evolve(e, claims=e.claims + 1) for e in claimed]
         # The lease moves the due time: a crashed worker's events fall due again.
         until = _micros(now + lease)
         leases = [
@@ -1487,6 +1487,7 @@ def _event_data(event: ProcessedEvent) -> str:
             "attempts": event.attempts,
             "received_at": event.received_at.isoformat(),
             "next_attempt_at": None if next_attempt is None else next_attempt.isoformat(),
+            "claims": event.claims,
         },
         separators=(",", ":"),
     )
@@ -1517,6 +1518,7 @@ def _load_event(row: Any, at: int = 0) -> ProcessedEvent:
             attempts=fields["attempts"],
             received_at=datetime.fromisoformat(fields["received_at"]),
             next_attempt_at=None if next_attempt is None else datetime.fromisoformat(next_attempt),
+            claims=fields.get("claims", 0),  # absent before schema version 6's code
         )
     except (ValueError, TypeError, KeyError):
         pass

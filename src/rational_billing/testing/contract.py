@@ -897,18 +897,18 @@ class StorageContract:
         assert self._claim(storage, 30, limit=2) == ["evt_p2"]
 
     def test_claimed_events_come_back_whole(self, storage: Storage) -> None:
-        """A claimed event is the stored event, body included, with the claim counted."""
+        """A claimed event is the stored event, body included, with its claims counted."""
         event = _event("evt_1", outcome=EventOutcome.PENDING, payload=b"{}")
         with storage.transaction() as tx:
             tx.record_event(event)
-        counted = attrs_evolve(event, attempts=1)
+        counted = attrs_evolve(event, claims=1)
         with storage.transaction() as tx:
             assert list(tx.claim_events(_at(0), limit=5, lease=timedelta(seconds=1))) == [counted]
         with storage.transaction() as tx:
             assert tx.get_event("evt_1") == counted
         with storage.transaction() as tx:  # a second claim, once the lease ran out
             again = tx.claim_events(_at(2), limit=5, lease=timedelta(seconds=1))
-            assert [e.attempts for e in again] == [2]
+            assert [(e.claims, e.attempts) for e in again] == [(2, 0)]
 
     def test_update_event_ends_the_lease(self, storage: Storage) -> None:
         """A claimed event written again is due by its new state, not by the lease."""
