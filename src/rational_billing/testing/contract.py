@@ -922,7 +922,7 @@ class StorageContract:
         assert self._claim(storage, 1000) == ["evt_p2", "evt_f1"]
 
     def test_rolled_back_claim_leases_nothing(self, storage: Storage) -> None:
-        """A claim in a transaction that rolls back leaves the events claimable."""
+        """A claim in a transaction that rolls back leaves the events claimable, and uncounted."""
         self._inbox(storage)
         claimed: list[int] = []
 
@@ -932,6 +932,8 @@ class StorageContract:
         with pytest.raises(_Boom):
             _transact(storage, claim, boom=True)
         assert claimed == [2]
+        with storage.transaction() as tx:
+            assert [tx.get_event(i).claims for i in ("evt_p1", "evt_f1")] == [0, 0]  # type: ignore[union-attr]
         assert self._claim(storage, 16) == ["evt_p1", "evt_f1"]
 
     def test_list_events_filters_and_pages(self, storage: Storage) -> None:
