@@ -443,11 +443,16 @@ class WebhookRouter:
         failing event is recorded ``failed`` on its own (and retried with
         backoff) and the others are applied. A worker that dies mid-batch
         (killed, out of memory) leaves its batch leased: the others go on
-        with other events and take it once the lease has run out.
+        with other events and take it once the lease has run out, one event
+        per claim, so that an event that kills its worker is found out (and
+        given up after `MAX_UNFINISHED_CLAIMS` claims) without holding up
+        the rest.
 
         Raises:
             InvalidArgument: ``limit`` is not a positive integer.
-            StorageError: the claim itself failed (nothing was claimed).
+            StorageError: the claim failed, after retrying a transient
+                failure (if its commit was cut off, what it may have leased
+                falls due again when the lease runs out).
         """
         if type(limit) is not int or limit < 1:
             raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
