@@ -248,9 +248,32 @@ def test_local_change_newer_than_the_event_wins(billing: Billing) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[]", b'{"id": "evt_1"}', b'{"id":"x","type":"a","livemode":false}'],
+    [
+        b"not json",
+        b"[]",
+        b'{"id": "evt_1"}',
+        b'{"id":"x","type":"a","livemode":false}',
+        # Not UTF-8, or not JSON as RFC 8259 has it (Python's json module takes them all):
+        b'{"id": "evt_1\xff", "type": "customer.updated"}',
+        '{"id": "evt_1"}'.encode("utf-16"),
+        b'{"id": "evt_1", "amount": NaN}',
+        b'{"id": "evt_1", "name": "\\ud800"}',
+    ],
 )
 def test_malformed_but_signed_body_gets_400(billing: Billing, body: bytes) -> None:
-    """A correctly signed body that is not a Stripe event is rejected with 400."""
+    """A correctly signed body that is not a Stripe event is rejected with 400, nothing stored."""
     headers = sign_payload(body, TEST_SECRET, timestamp=int(NOW.timestamp()))
-    assert billing.webhooks.handle(body, headers).status_code == 400
+    response = billing.webhooks.handle(body, headers)
+    assert response.status_code == 400
+    with billing.storage.transaction() as tx:
+        assert tx.list_events() == []
+
+
+def test_a_utf8_byte_order_mark_is_allowed(billing: Billing) -> None:
+    """RFC 8259 lets a parser skip a leading BOM; the event applies as without it."""
+    customer = link_directly(billing, "cus_A1", tenant="acme")
+    event = _updated("cus_A1", "bom@example.com", created=int(NOW.timestamp()))
+    payload = b"\xef\xbb\xbf" + json.dumps(event).encode()
+    headers = sign_payload(payload, TEST_SECRET, timestamp=int(NOW.timestamp()))
+    assert billing.webhooks.handle(payload, headers).outcome is EventOutcome.APPLIED
+    assert billing.customers.get("acme", customer.id).email == "bom@example.com"

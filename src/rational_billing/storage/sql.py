@@ -28,7 +28,6 @@ This module needs the ``sql`` extra; without SQLAlchemy, importing it raises
 from __future__ import annotations
 
 import base64
-import json
 import os
 import threading
 from collections import deque
@@ -39,6 +38,7 @@ from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import attrs
+import orjson
 from cattrs.errors import BaseValidationError
 
 from .._config import Mode, redact_url
@@ -333,13 +333,13 @@ def _events_inbox_v2(conn: sa.Connection) -> None:
 
 
 def _move_payload_v2(conn: sa.Connection, event_id: str, data: str, received_us: int) -> None:
-    fields = json.loads(data)
+    fields = orjson.loads(data)
     raw = fields.pop("payload", None)
     pending = fields.get("outcome") == EventOutcome.PENDING.value
     conn.execute(
         sa.update(_events).where(_events.c.event_id == event_id),
         {
-            "data": json.dumps(fields, separators=(",", ":")),
+            "data": orjson.dumps(fields).decode(),
             "payload": None if raw is None else base64.b64decode(raw),
             "event_type": fields.get("type"),
             "due_us": received_us if pending else None,
@@ -420,12 +420,12 @@ _KIND_NAMES: Final[Mapping[type[Any], str]] = {
 
 
 def _dump(model: object) -> str:
-    return json.dumps(unstructure(model), separators=(",", ":"))
+    return orjson.dumps(unstructure(model)).decode()
 
 
 def _load(cls: type[T], data: str) -> T:
     try:
-        return structure(json.loads(data), cls)
+        return structure(orjson.loads(data), cls)
     except (ValueError, BaseValidationError) as exc:
         raise StorageError(f"a stored {cls.__name__} cannot be read back: {exc}") from exc
 
@@ -1473,7 +1473,7 @@ def _event_data(event: ProcessedEvent) -> str:
     checks that it matches the converter field for field.
     """
     next_attempt = event.next_attempt_at
-    return json.dumps(
+    return orjson.dumps(
         {
             "event_id": event.event_id,
             "type": event.type,
@@ -1488,9 +1488,8 @@ def _event_data(event: ProcessedEvent) -> str:
             "received_at": event.received_at.isoformat(),
             "next_attempt_at": None if next_attempt is None else next_attempt.isoformat(),
             "claims": event.claims,
-        },
-        separators=(",", ":"),
-    )
+        }
+    ).decode()
 
 
 def _load_event(row: Any, at: int = 0) -> ProcessedEvent:
@@ -1502,7 +1501,7 @@ def _load_event(row: Any, at: int = 0) -> ProcessedEvent:
     data: str = row[at]
     payload: bytes | None = None if row[at + 1] is None else bytes(row[at + 1])
     try:
-        fields = json.loads(data)
+        fields = orjson.loads(data)
         next_attempt = fields["next_attempt_at"]
         return ProcessedEvent(
             event_id=fields["event_id"],

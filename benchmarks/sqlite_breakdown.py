@@ -1,0 +1,270 @@
+"""Where `handle()` on SQLite spends its time: the SQL, or the Python around it.
+
+Run it with ``nox -s bench`` (it is one of the scripts that session runs) or
+``python benchmarks/sqlite_breakdown.py``. It records every statement,
+``BEGIN``, ``COMMIT`` and ``ROLLBACK`` that ``handle()`` sends to SQLite for
+each delivery of the stream (follow-up transactions included), with their
+parameters, and then measures in interleaved rounds:
+
+  floor     the SQLite floor of ``webhooks.py``, unchanged;
+  replayed  the floor's parse + HMAC + ``json.loads``, then exactly the
+            recorded statements through raw ``sqlite3`` on a copy of the
+            database as it was before the stream: our writes and reads with
+            none of our Python;
+  ours      ``handle()`` on a fresh ``SQLStorage``, as in ``webhooks.py``.
+
+``replayed`` is the floor of our own storage layout: what ``handle()`` would
+cost if the Python around the statements took no time. The script checks
+that the replay left every table as the recording did, row for row.
+
+It reaches into ``SQLStorage``'s private transaction class to record the
+statements; it is a diagnostic, not a target (the target is in ``webhooks.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import _events
+from _events import SECRET, Delivery
+from webhooks import FloorSQLite, OursInProcess, _blocks, _floor_parse, interleaved
+
+from rational_billing.storage import sql
+
+#: One recorded call: ("run", sql, params), ("many", sql, rows), ("control", sql),
+#: ("commit",) or ("rollback",).
+Op = tuple[Any, ...]
+
+
+class Recorder:
+    """Records the driver calls of `SQLStorage` transactions while installed."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] | None = None
+        tx = sql._SQLTransaction
+        self.originals = {
+            name: getattr(tx, name)
+            for name in ("_run", "_run_many", "_control", "commit", "rollback")
+        }
+
+    def install(self) -> None:
+        tx, original, recorder = sql._SQLTransaction, self.originals, self
+
+        def run(self: Any, stmt: Any, params: Any = sql._NO_PARAMS) -> Any:
+            rows = original["_run"](self, stmt, params)
+            form = self._q.driver_forms[(stmt, frozenset(params))]
+            recorder.add(("run", form.sql, {**form.defaults, **params}))
+            return rows
+
+        def run_many(self: Any, stmt: Any, rows: Any) -> int:
+            count: int = original["_run_many"](self, stmt, rows)
+            if rows:
+                form = self._q.driver_forms[(stmt, frozenset(rows[0]))]
+                recorder.add(("many", form.sql, [dict(row) for row in rows]))
+            return count
+
+        def control(self: Any, statement: str) -> None:
+            recorder.add(("control", statement))
+            original["_control"](self, statement)
+
+        def commit(self: Any) -> None:
+            recorder.add(("commit",))
+            original["commit"](self)
+
+        def rollback(self: Any) -> None:
+            recorder.add(("rollback",))
+            original["rollback"](self)
+
+        for name, method in zip(
+            self.originals, (run, run_many, control, commit, rollback), strict=True
+        ):
+            setattr(tx, name, method)
+
+    def uninstall(self) -> None:
+        for name, method in self.originals.items():
+            setattr(sql._SQLTransaction, name, method)
+
+    def add(self, op: Op) -> None:
+        if self.ops is not None:
+            self.ops.append(op)
+
+
+def record(stream: list[Delivery], unique: list[Delivery], folder: Path) -> list[list[Op]]:
+    """The driver calls of ``handle()`` for each delivery; leaves ``before.db`` behind."""
+    path = folder / "recorded.db"
+    storage = sql.SQLStorage(f"sqlite:///{path}")
+    ours = OursInProcess("recording", storage, stream, unique, 1)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy(path, folder / "before.db")
+    recorder, recorded = Recorder(), []
+    handle = ours.ours.billing.webhooks.handle
+    recorder.install()
+    try:
+        for delivery in stream:
+            recorder.ops = []
+            handle(delivery.payload, delivery.headers)
+            recorded.append(recorder.ops)
+    finally:
+        recorder.uninstall()
+    ours.finish()
+    return recorded
+
+
+class Replayed:
+    """Parse as the floor does, then the recorded calls through raw sqlite3."""
+
+    name = "replayed: parse, then our statements through raw sqlite3"
+
+    def __init__(self, stream: list[Delivery], ops: list[list[Op]], rounds: int, path: Path):
+        self.blocks = _blocks(list(zip(stream, ops, strict=True)), rounds)
+        self.key = SECRET.encode()
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.commits = 0.0
+
+    def run(self, block: int) -> float:
+        conn, key, clock = self.conn, self.key, time.perf_counter
+        start = clock()
+        for delivery, ops in self.blocks[block]:
+            _floor_parse(delivery, key)
+            for op in ops:
+                kind = op[0]
+                if kind == "run":
+                    conn.execute(op[1], op[2]).fetchall()
+                elif kind == "many":
+                    conn.executemany(op[1], op[2])
+                elif kind == "control":
+                    conn.execute(op[1])
+                elif kind == "commit":
+                    began = clock()
+                    conn.execute("COMMIT")
+                    self.commits += clock() - began
+                else:
+                    conn.execute("ROLLBACK")
+        return clock() - start
+
+    def finish(self) -> str:
+        self.conn.close()
+        return ""
+
+
+class TimedCommits:
+    """Sums the seconds spent in `SQLStorage`'s commits while installed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.original = sql._SQLTransaction.commit
+
+    def install(self) -> None:
+        original, timer = self.original, self
+
+        def commit(self: Any) -> None:
+            began = time.perf_counter()
+            try:
+                original(self)
+            finally:
+                timer.seconds += time.perf_counter() - began
+
+        sql._SQLTransaction.commit = commit  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        sql._SQLTransaction.commit = self.original  # type: ignore[method-assign]
+
+
+class TimedFloor(FloorSQLite):
+    """The SQLite floor, unchanged, with the seconds spent in its COMMITs summed."""
+
+    def __init__(self, stream: list[Delivery], rounds: int, folder: Path) -> None:
+        super().__init__(stream, rounds, folder)
+        self.commits = 0.0
+
+    def run(self, block: int) -> float:
+        self.conn = _CommitClock(self.conn, self)
+        try:
+            return super().run(block)
+        finally:
+            self.conn = self.conn.inner
+
+
+class _CommitClock:
+    def __init__(self, inner: sqlite3.Connection, floor: TimedFloor) -> None:
+        self.inner, self.floor = inner, floor
+
+    def execute(self, statement: str, *args: Any) -> sqlite3.Cursor:
+        if statement != "COMMIT":
+            return self.inner.execute(statement, *args)
+        began = time.perf_counter()
+        try:
+            return self.inner.execute(statement)
+        finally:
+            self.floor.commits += time.perf_counter() - began
+
+
+def _contents(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's rows, sorted."""
+    with sqlite3.connect(path) as conn:
+        query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        tables = [name for (name,) in conn.execute(query)]
+        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"'), key=repr) for t in tables}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000, help="distinct events (20000)")
+    parser.add_argument("--duplicates", type=float, default=0.3, help="share delivered twice (0.3)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
+    parser.add_argument("--no-postgres", action="store_true", help="accepted; nothing here uses it")
+    args = parser.parse_args(argv)
+
+    unique = _events.build(args.events)
+    stream = _events.with_duplicates(unique, args.duplicates)
+    with tempfile.TemporaryDirectory(prefix="rb-breakdown-") as tmp:
+        folder = Path(tmp)
+        started = time.perf_counter()
+        ops = record(stream, unique, folder)
+        calls = sum(len(o) for o in ops) / len(stream)
+        print(
+            f"recorded {calls:.2f} driver calls a delivery (BEGIN and COMMIT included) over "
+            f"{len(stream)} deliveries in {time.perf_counter() - started:.0f}s"
+        )
+        floor = TimedFloor(stream, args.rounds, folder)
+        replayed = Replayed(stream, ops, args.rounds, folder / "before.db")
+        storage = sql.SQLStorage(f"sqlite:///{folder / 'ours.db'}")
+        ours = OursInProcess("ours: handle(), SQLite file", storage, stream, unique, args.rounds)
+        commits = TimedCommits()
+        commits.install()
+        try:
+            seconds = [s for s, _ in interleaved([floor, replayed, ours], args.rounds)]
+        finally:
+            commits.uninstall()
+        same = _contents(folder / "before.db") == _contents(folder / "recorded.db")
+
+    n = len(stream)
+    print(f"\n{'phase':<58} {'us each':>8} {'of which COMMIT':>16} {'floor rate':>11}")
+    timed = zip(
+        (floor.name, replayed.name, ours.name),
+        seconds,
+        (floor.commits, replayed.commits, commits.seconds),
+        strict=True,
+    )
+    for name, spent, in_commit in timed:
+        print(
+            f"{name:<58} {spent / n * 1e6:8.1f} {in_commit / n * 1e6:16.1f} "
+            f"{seconds[0] / spent:11.0%}"
+        )
+    print(f"\nthe replay left every table as the recording did: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
