@@ -365,6 +365,49 @@ def test_threads_share_the_connections_kept_between_transactions(any_url: str) -
     storage.close()
 
 
+@pytest.mark.parametrize("where", ["after BEGIN", "in the block", "instead of COMMIT"])
+def test_an_interrupted_transaction_leaves_no_lock_behind(
+    where: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt at any step rolls back and frees SQLite's write lock."""
+    monkeypatch.setattr(sql_module, "_SQLITE_BUSY_TIMEOUT_S", 0.5)  # fail fast if it is held
+    storage, other = SQLStorage(sqlite_url), SQLStorage(sqlite_url)
+    _touch(storage)
+    tx_class = sql_module._SQLTransaction
+    begin, commit = tx_class.begin, tx_class.commit
+
+    def begin_then_interrupt(self: Any) -> None:
+        begin(self)
+        raise KeyboardInterrupt
+
+    def interrupt(self: Any) -> None:
+        raise KeyboardInterrupt
+
+    if where == "after BEGIN":
+        monkeypatch.setattr(tx_class, "begin", begin_then_interrupt)
+    elif where == "instead of COMMIT":
+        monkeypatch.setattr(tx_class, "commit", interrupt)
+
+    def write() -> None:
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1"))
+            if where == "in the block":
+                raise KeyboardInterrupt
+
+    # Kept, as an error reporter would keep it: its traceback holds the frames.
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        write()
+    monkeypatch.setattr(tx_class, "begin", begin)
+    monkeypatch.setattr(tx_class, "commit", commit)
+    _put(other, _customer("c2"))  # waits 0.5 s and fails if a lock was left held
+    assert interrupted.traceback
+    with storage.transaction() as tx:
+        assert tx.get_customer("t1", "c1") is None
+        assert tx.get_customer("t1", "c2") is not None
+    storage.close()
+    other.close()
+
+
 @pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
 def test_every_statement_runs_on_the_driver(dialect_name: str) -> None:
     """Each statement compiles once to SQL that the driver runs as is, with named parameters.

@@ -1629,6 +1629,9 @@ class SQLStorage:
             raise StorageError(
                 f"cannot begin a transaction: {exc}", transient=exc.transient
             ) from exc.__cause__
+        except BaseException:
+            self._checkin(pooled, tx)  # still in a transaction, say: closed, not kept
+            raise
         self._local.tx = tx
         return pooled, tx
 
