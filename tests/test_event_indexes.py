@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from rational_billing._config import Mode
 from rational_billing.domain.models import EventOutcome, ProcessedEvent
@@ -55,6 +56,7 @@ def test_upgrade_from_version_4_keeps_held_events_findable(
     """A version 4 database upgraded to 5 swaps the outcome indexes and still finds held events."""
     monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:4])
     old = SQLStorage(f"sqlite:///{db}")
+    old._queries.mark_minute = sa.text("SELECT 1")  # version 4 had no rb_event_minutes
     events = [
         _event("evt_h2", EventOutcome.HELD, "acct_1", 2),
         _event("evt_a", EventOutcome.APPLIED, "acct_1", 1),
@@ -86,7 +88,7 @@ def test_upgrade_from_version_4_keeps_held_events_findable(
     with sqlite3.connect(db) as raw:
         versions = [v for (v,) in raw.execute("SELECT version FROM rb_schema_version")]
     raw.close()
-    assert versions == [1, 2, 3, 4, 5]
+    assert versions == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("outcome", [EventOutcome.HELD, EventOutcome.FAILED, EventOutcome.PENDING])

@@ -203,14 +203,21 @@ class Transaction(Protocol):
         *,
         since: datetime | None = None,
         types: Collection[str] | None = None,
-        after: tuple[datetime, str] | None = None,
+        after: str | None = None,
         limit: int = 100,
     ) -> Sequence[ProcessedEvent]:
-        """Stored events ordered by (``received_at``, ``event_id``), for replay.
+        """Stored events in an order the storage keeps, for replay: up to ``limit``.
 
         Only those received at or after ``since``, of one of ``types``, and
-        strictly after the cursor ``after`` (the ``(received_at, event_id)`` of
-        the last event of the previous page), up to ``limit``.
+        after the event ``after`` (the id of the last event of the previous
+        page) in that order. The order is stable, so paging visits every
+        stored event once: events keep their place when their outcome
+        changes, and it is the order they were first stored
+        (`InMemoryStorage`, SQLite) or received (PostgreSQL), which differ
+        only for events stored out of received order.
+
+        Raises:
+            InvalidArgument: ``after`` names no stored event.
         """
         ...
 

@@ -6,8 +6,9 @@ rolls back a transaction whose block raised.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from ..domain.models import (
     StripeReference,
     Tenant,
 )
-from ..errors import StorageError
+from ..errors import InvalidArgument, StorageError
 from ..ports import MirrorRecord
 
 __all__ = ["InMemoryStorage"]
@@ -376,19 +377,24 @@ class _MemoryTransaction:
         *,
         since: datetime | None = None,
         types: Collection[str] | None = None,
-        after: tuple[datetime, str] | None = None,
+        after: str | None = None,
         limit: int = 100,
     ) -> Sequence[ProcessedEvent]:
+        events: Iterator[ProcessedEvent] = iter(self._s._events.values())  # in stored order
+        if after is not None:
+            if after not in self._s._events:
+                raise InvalidArgument(
+                    f"list_events(after={after!r}): no such stored event to continue after"
+                )
+            events = itertools.dropwhile(lambda e: e.event_id != after, events)
+            next(events)  # the cursor's own event
         wanted = None if types is None else frozenset(types)
-        found = [
+        found = (
             e
-            for e in self._s._events.values()
-            if (since is None or e.received_at >= since)
-            and (wanted is None or e.type in wanted)
-            and (after is None or (e.received_at, e.event_id) > after)
-        ]
-        found.sort(key=lambda e: (e.received_at, e.event_id))
-        return found[:limit]
+            for e in events
+            if (since is None or e.received_at >= since) and (wanted is None or e.type in wanted)
+        )
+        return list(itertools.islice(found, limit))
 
     # -- mirrors -------------------------------------------------------------
     def mirror(self, record: MirrorRecord) -> MirrorResult:

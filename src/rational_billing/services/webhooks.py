@@ -893,11 +893,11 @@ class WebhookRouter:
                 ):
                     yield stored
             return
-        after: tuple[datetime, str] | None = None
+        after: str | None = None
         while True:
             with self._storage.transaction() as tx:
                 page = tx.list_events(since=since, types=types, after=after, limit=_REPLAY_PAGE)
             yield from page
             if len(page) < _REPLAY_PAGE:
                 return
-            after = (page[-1].received_at, page[-1].event_id)
+            after = page[-1].event_id

@@ -63,7 +63,7 @@ from ..domain.models import (
     Tenant,
     utc,
 )
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, InvalidArgument, StorageError
 from ..ports import Clock, MirrorRecord, Transaction
 
 _MISSING_EXTRA: Final = (
@@ -399,6 +399,66 @@ def _waiting_events_index_v5(conn: sa.Connection) -> None:
     )
 
 
+#: SQLite: the minute of received time an event falls in, for `_stored_order_v6`.
+_MINUTE_US: Final = 60_000_000
+
+
+def _stored_order_v6(conn: sa.Connection) -> None:
+    """Version 6, SQLite only: replay in stored order, without an index entry per event.
+
+    ``ix_rb_events_received`` served only `list_events`, and every stored
+    event wrote a page of it. SQLite now keeps events in the order they were
+    first stored, by an explicit ``seq INTEGER PRIMARY KEY`` (an implicit
+    rowid may be renumbered by ``VACUUM``), and pages by it; ``since`` starts
+    from ``rb_event_minutes``, the lowest ``seq`` of each minute of received
+    time, which an event writes only when it is the first of its minute. The
+    table is rebuilt, existing events numbered in received order.
+    PostgreSQL keeps its index, where an index entry is not a page fsynced per
+    event. docs/decisions.md has the why.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    conn.execute(
+        sa.text(
+            "CREATE TABLE rb_events_v6 (seq INTEGER PRIMARY KEY, event_id VARCHAR NOT NULL UNIQUE, "
+            "outcome VARCHAR(16) NOT NULL, account VARCHAR, received_us BIGINT NOT NULL, "
+            "data TEXT NOT NULL, event_type VARCHAR, payload BLOB, due_us BIGINT)"
+        )
+    )
+    columns = "event_id, outcome, account, received_us, data, event_type, payload, due_us"
+    conn.execute(
+        sa.text(
+            f"INSERT INTO rb_events_v6 ({columns}) SELECT {columns} FROM rb_events "  # noqa: S608 (constants only)
+            "ORDER BY received_us, event_id"
+        )
+    )
+    conn.execute(sa.text("DROP TABLE rb_events"))  # and its indexes
+    conn.execute(sa.text("ALTER TABLE rb_events_v6 RENAME TO rb_events"))
+    conn.execute(
+        sa.text(
+            "CREATE INDEX ix_rb_events_due ON rb_events (due_us, event_id) WHERE due_us IS NOT NULL"
+        )
+    )
+    waiting = " OR ".join(f"outcome = '{o.value}'" for o in _WAITING_OUTCOMES)
+    conn.execute(
+        sa.text(
+            "CREATE INDEX ix_rb_events_waiting ON rb_events "
+            f"(outcome, account, received_us, event_id) WHERE {waiting}"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE TABLE rb_event_minutes (minute BIGINT PRIMARY KEY, first_seq BIGINT NOT NULL)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO rb_event_minutes (minute, first_seq) "  # noqa: S608 (constants only)
+            f"SELECT received_us / {_MINUTE_US}, min(seq) FROM rb_events GROUP BY 1"
+        )
+    )
+
+
 #: Step N brings the schema from version N-1 to N. Released steps never change.
 _MIGRATIONS: tuple[Callable[[sa.Connection], None], ...] = (
     _create_tables_v1,
@@ -406,6 +466,7 @@ _MIGRATIONS: tuple[Callable[[sa.Connection], None], ...] = (
     _connections_and_invitations_v3,
     _references_and_product_index_v4,
     _waiting_events_index_v5,
+    _stored_order_v6,
 )
 
 _KIND_NAMES: Final[Mapping[type[Any], str]] = {
@@ -649,7 +710,21 @@ class _Queries:
             .values(due_us=_p("until"), data=_p("data"))
         )
         #: (since?, number of types or None, after?) -> the listing statement.
-        self.list_events: dict[tuple[bool, int | None, bool], sa.Select[Any]] = {}
+        self.list_events: dict[tuple[bool, int | None, bool], sa.Executable] = {}
+        # Where a page of list_events starts (schema version 6): SQLite pages
+        # by seq and finds the first of a minute in rb_event_minutes, which
+        # every stored or updated event lowers to its own seq if it is lower.
+        self.event_received = sa.select(e.c.received_us).where(e.c.event_id == _p("event_id"))
+        self.event_seq = sa.text("SELECT seq FROM rb_events WHERE event_id = :k_event_id")
+        self.first_seq_since = sa.text(
+            f"SELECT min(first_seq) FROM rb_event_minutes WHERE minute >= :k_since / {_MINUTE_US}"  # noqa: S608 (constants only)
+        )
+        self.mark_minute = sa.text(
+            "INSERT INTO rb_event_minutes (minute, first_seq) "  # noqa: S608 (constants only)
+            f"SELECT received_us / {_MINUTE_US}, seq FROM rb_events WHERE event_id = :k_event_id "
+            "ON CONFLICT (minute) DO UPDATE SET first_seq = excluded.first_seq "
+            "WHERE excluded.first_seq < rb_event_minutes.first_seq"
+        )
         #: Number of ids -> the statement locking that many events (`_lock_events`).
         self.lock_events: dict[int, sa.Select[Any]] = {}
 
@@ -694,7 +769,7 @@ def _lock_events(count: int) -> sa.Select[Any]:
 
 
 def _list_events(since: bool, types: int | None, after: bool) -> sa.Select[Any]:
-    """Stored events in received order; ``types`` filters on that many types (k_type_0...)."""
+    """PostgreSQL: stored events in received order; ``types`` filters on that many types."""
     e = _events
     stmt = sa.select(e.c.data, e.c.payload).order_by(e.c.received_us, e.c.event_id)
     if since:
@@ -709,6 +784,19 @@ def _list_events(since: bool, types: int | None, after: bool) -> sa.Select[Any]:
             )
         )
     return stmt.limit(_p("limit"))
+
+
+def _list_events_sqlite(since: bool, types: int | None) -> sa.TextClause:
+    """SQLite: stored events in stored order from seq ``k_from`` (schema version 6)."""
+    where = ["seq >= :k_from"]
+    if since:
+        where.append("received_us >= :k_since")
+    if types is not None:
+        where.append(f"event_type IN ({', '.join(f':k_type_{i}' for i in range(types))})")
+    return sa.text(
+        f"SELECT data, payload FROM rb_events WHERE {' AND '.join(where)} "  # noqa: S608 (constants only)
+        "ORDER BY seq LIMIT :k_limit"
+    )
 
 
 # -- running statements on the driver ----------------------------------------------
@@ -817,6 +905,7 @@ class _SQLTransaction:
         "_cursor",
         "_dbapi",
         "_dialect",
+        "_postgres",
         "_q",
         "_savepoints",
         "_tenant_memo",
@@ -828,6 +917,7 @@ class _SQLTransaction:
     def __init__(self, dbapi_connection: Any, dialect: sa.Dialect, queries: _Queries) -> None:
         self._dbapi = dbapi_connection
         self._dialect = dialect
+        self._postgres = dialect.name == "postgresql"
         self._q = queries
         self._cursor: Any = None
         self._savepoints = 0
@@ -1112,7 +1202,11 @@ class _SQLTransaction:
     def record_event(self, event: ProcessedEvent) -> bool:
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id
         # to commit or roll back, so exactly one transaction sees rowcount 1.
-        return self._run(self._q.record_event, _event_row(event)).rowcount == 1
+        inserted = self._run(self._q.record_event, _event_row(event)).rowcount == 1
+        if inserted and not self._postgres:
+            # Writes a page only for the first event of its minute (version 6).
+            self._run(self._q.mark_minute, {"k_event_id": event.event_id})
+        return inserted
 
     def get_event(self, event_id: str) -> ProcessedEvent | None:
         row = self._run(self._q.event, {"k_event_id": event_id}).one_or_none()
@@ -1121,6 +1215,8 @@ class _SQLTransaction:
     def update_event(self, event: ProcessedEvent) -> None:
         if self._run(self._q.update_event, _event_update(event)).rowcount != 1:
             raise StorageError(f"no stored event {event.event_id!r} to update")
+        if not self._postgres:  # in case received_at changed: its minute must find it
+            self._run(self._q.mark_minute, {"k_event_id": event.event_id})
 
     def update_events(self, events: Sequence[ProcessedEvent]) -> None:
         # One executemany: psycopg pipelines it into about one round trip.
@@ -1128,6 +1224,8 @@ class _SQLTransaction:
         if updated != len(events):
             ids = ", ".join(repr(e.event_id) for e in events[:5])
             raise StorageError(f"some of the events {ids}... are not stored")
+        if not self._postgres:
+            self._run_many(self._q.mark_minute, [{"k_event_id": e.event_id} for e in events])
 
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100
@@ -1176,7 +1274,7 @@ class _SQLTransaction:
         *,
         since: datetime | None = None,
         types: Collection[str] | None = None,
-        after: tuple[datetime, str] | None = None,
+        after: str | None = None,
         limit: int = 100,
     ) -> Sequence[ProcessedEvent]:
         params: dict[str, Any] = {"k_limit": limit}
@@ -1189,13 +1287,36 @@ class _SQLTransaction:
                 return []
             wanted = len(names)
             params.update((f"k_type_{i}", name) for i, name in enumerate(names))
-        if after is not None:
-            params["k_after_us"], params["k_after_id"] = _micros(after[0]), after[1]
-        shape = (since is not None, wanted, after is not None)
-        stmt = self._q.list_events.get(shape)
-        if stmt is None:
-            stmt = self._q.list_events[shape] = _list_events(*shape)
+        if self._postgres:
+            if after is not None:
+                params["k_after_us"] = self._cursor_position(self._q.event_received, after)
+                params["k_after_id"] = after
+            shape = (since is not None, wanted, after is not None)
+            stmt = self._q.list_events.get(shape)
+            if stmt is None:
+                stmt = self._q.list_events[shape] = _list_events(*shape)
+        else:
+            start = 0 if after is None else self._cursor_position(self._q.event_seq, after) + 1
+            if since is not None:
+                first = self._run(self._q.first_seq_since, {"k_since": params["k_since"]})
+                first_of_minute = first.scalar_one_or_none()
+                if first_of_minute is None:
+                    return []  # nothing received in or after that minute
+                start = max(start, first_of_minute)
+            params["k_from"] = start
+            shape = (since is not None, wanted, False)
+            stmt = self._q.list_events.get(shape)
+            if stmt is None:
+                stmt = self._q.list_events[shape] = _list_events_sqlite(since is not None, wanted)
         return [_load_event(row) for row in self._run(stmt, params)]
+
+    def _cursor_position(self, stmt: sa.Executable, event_id: str) -> int:
+        found = self._run(stmt, {"k_event_id": event_id}).scalar_one_or_none()
+        if found is None:
+            raise InvalidArgument(
+                f"list_events(after={event_id!r}): no such stored event to continue after"
+            )
+        return int(found)
 
     # -- mirrors -------------------------------------------------------------
     def mirror(self, record: MirrorRecord) -> MirrorResult:

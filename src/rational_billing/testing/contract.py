@@ -65,7 +65,7 @@ from ..domain.models import (
     Tenant,
     TenantStatus,
 )
-from ..errors import StorageError
+from ..errors import InvalidArgument, StorageError
 from ..ports import Storage, Transaction
 
 __all__ = ["StorageContract"]
@@ -937,27 +937,68 @@ class StorageContract:
         assert self._claim(storage, 16) == ["evt_p1", "evt_f1"]
 
     def test_list_events_filters_and_pages(self, storage: Storage) -> None:
-        """list_events orders by (received_at, id), filters by since and type, and pages."""
+        """list_events pages by the last id, in received order when stored in it, and filters."""
         with storage.transaction() as tx:
-            tx.record_event(_event("evt_b", received=10, type="invoice.paid"))
-            tx.record_event(_event("evt_a", received=10))
             tx.record_event(_event("evt_c", received=5, type="invoice.paid"))
+            tx.record_event(_event("evt_b", received=10, type="invoice.paid"))
+            tx.record_event(_event("evt_a", received=11))
             tx.record_event(_event("evt_d", received=20, outcome=EventOutcome.FAILED))
         with storage.transaction() as tx:
             every = [e.event_id for e in tx.list_events()]
-            assert every == ["evt_c", "evt_a", "evt_b", "evt_d"]
+            assert every == ["evt_c", "evt_b", "evt_a", "evt_d"]
             since = tx.list_events(since=_at(10))
-            assert [e.event_id for e in since] == ["evt_a", "evt_b", "evt_d"]
+            assert [e.event_id for e in since] == ["evt_b", "evt_a", "evt_d"]
+            assert list(tx.list_events(since=_at(21))) == []
             paid = tx.list_events(types={"invoice.paid"})
             assert [e.event_id for e in paid] == ["evt_c", "evt_b"]
             assert list(tx.list_events(types=set())) == []
             first = tx.list_events(limit=2)
-            assert [e.event_id for e in first] == ["evt_c", "evt_a"]
-            cursor = (first[-1].received_at, first[-1].event_id)
-            rest = tx.list_events(after=cursor, limit=2)
-            assert [e.event_id for e in rest] == ["evt_b", "evt_d"]
-            both = tx.list_events(since=_at(6), types={"invoice.paid"}, after=cursor)
+            assert [e.event_id for e in first] == ["evt_c", "evt_b"]
+            rest = tx.list_events(after=first[-1].event_id, limit=2)
+            assert [e.event_id for e in rest] == ["evt_a", "evt_d"]
+            both = tx.list_events(since=_at(6), types={"invoice.paid"}, after="evt_c")
             assert [e.event_id for e in both] == ["evt_b"]
+            with pytest.raises(InvalidArgument, match="evt_nowhere"):
+                tx.list_events(after="evt_nowhere")
+            assert len(tx.list_events()) == 4  # the transaction goes on
+
+    @_EXAMPLES
+    @given(
+        received=st.lists(st.integers(0, 3 * 3600), min_size=1, max_size=12),
+        since=st.none() | st.integers(0, 3 * 3600),
+        limit=st.integers(1, 5),
+        changed=st.sampled_from([None, 0, -1]),
+    )
+    def test_list_events_pages_visit_each_event_once(
+        self,
+        storage: Storage,
+        received: list[int],
+        since: int | None,
+        limit: int,
+        changed: int | None,
+    ) -> None:
+        """In whatever order events were stored, paging visits each match once, in one order."""
+        kind = _unique("test.event")  # this example's own type: earlier examples' events stay out
+        ids = [f"evt_{kind[-12:]}_{i}" for i in range(len(received))]
+        with storage.transaction() as tx:
+            for event_id, seconds in zip(ids, received, strict=True):
+                assert tx.record_event(_event(event_id, received=seconds, type=kind))
+        if changed is not None:  # a changed outcome keeps the event's place
+            with storage.transaction() as tx:
+                event = _event(ids[changed], received=received[changed], type=kind)
+                tx.update_event(attrs_evolve(event, outcome=EventOutcome.FAILED, attempts=1))
+        start = None if since is None else _at(since)
+        seen: list[str] = []
+        after: str | None = None
+        with storage.transaction() as tx:
+            while page := tx.list_events(since=start, types={kind}, after=after, limit=limit):
+                assert len(page) <= limit
+                seen += [e.event_id for e in page]
+                after = page[-1].event_id
+            at_once = [e.event_id for e in tx.list_events(since=start, types={kind}, limit=100)]
+        wanted = {i for i, s in zip(ids, received, strict=True) if since is None or s >= since}
+        assert sorted(seen) == sorted(wanted)
+        assert seen == at_once
 
     # -- mirrors -------------------------------------------------------------
     def test_mirror_orders_writes_by_marker(self, storage: Storage) -> None:
