@@ -6,6 +6,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 import pytest
 import sqlalchemy as sa
 
@@ -114,3 +115,87 @@ def test_waiting_events_are_looked_up_through_the_partial_index(
     assert [e.event_id for e in found] == ["evt_1"]
     assert "ix_rb_events_waiting" in plan
     assert "TEMP B-TREE" not in plan
+
+
+def test_upgrade_to_version_6_keeps_events_in_received_order(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6 rebuilds rb_events with seq, in received order, and drops the received index."""
+    monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:5])
+    old = SQLStorage(f"sqlite:///{db}")
+    old._queries.mark_minute = sa.text("SELECT 1")  # version 5 had no rb_event_minutes
+    # Stored out of received order, two in the same instant, minutes apart.
+    events = [
+        _event("evt_late", EventOutcome.APPLIED, None, 600),
+        _event("evt_b", EventOutcome.HELD, "acct_1", 1),
+        _event("evt_a", EventOutcome.FAILED, None, 1),
+        _event("evt_mid", EventOutcome.PENDING, None, 120),
+    ]
+    _store(old, events)
+    old.close()
+    assert "ix_rb_events_received" in _indexes(db)
+    monkeypatch.undo()
+
+    storage = SQLStorage(f"sqlite:///{db}")
+    try:
+        with storage.transaction() as tx:
+            every = [e.event_id for e in tx.list_events()]
+            since = [e.event_id for e in tx.list_events(since=T0 + timedelta(seconds=100))]
+            held = [e.event_id for e in tx.events_with_outcome(EventOutcome.HELD)]
+            due = [
+                e.event_id
+                for e in tx.claim_events(
+                    T0 + timedelta(hours=1), limit=10, lease=timedelta(minutes=5)
+                )
+            ]
+            stored = {e.event_id: e for e in tx.list_events()}
+        _store(storage, [_event("evt_new", EventOutcome.APPLIED, None, 0)])  # received earliest
+        with storage.transaction() as tx:
+            after = [e.event_id for e in tx.list_events(after="evt_late")]
+            from_start = [e.event_id for e in tx.list_events(since=T0)]
+    finally:
+        storage.close()
+    assert every == ["evt_a", "evt_b", "evt_mid", "evt_late"]  # received order, ties by id
+    assert since == ["evt_mid", "evt_late"]
+    assert held == ["evt_b"]
+    assert due == ["evt_mid"]
+    assert stored == {e.event_id: e for e in events} | {
+        "evt_mid": attrs.evolve(events[3], claims=1)
+    }
+    assert after == ["evt_new"]  # stored last, listed last
+    assert from_start == ["evt_a", "evt_b", "evt_mid", "evt_late", "evt_new"]
+    indexes = _indexes(db)
+    assert "ix_rb_events_received" not in indexes
+    assert {"ix_rb_events_due", "ix_rb_events_waiting"} <= indexes
+    with sqlite3.connect(db) as raw:
+        versions = [v for (v,) in raw.execute("SELECT version FROM rb_schema_version")]
+        minutes = raw.execute(
+            "SELECT minute, first_seq FROM rb_event_minutes ORDER BY 1"
+        ).fetchall()
+    raw.close()
+    assert versions == [1, 2, 3, 4, 5, 6]
+    assert len(minutes) == 3  # T0's minute holds evt_a, evt_b and evt_new; then 2 and 10 minutes on
+
+
+@pytest.mark.parametrize("shape", [(False, None), (True, None), (True, 2), (False, 1)])
+def test_a_page_of_events_starts_from_its_seq(db: Path, shape: tuple[bool, int | None]) -> None:
+    """SQLite finds a page by seq and the first seq of a minute by key: no scan from the start."""
+    storage = SQLStorage(f"sqlite:///{db}")
+    try:
+        _store(storage, [_event("evt_1", EventOutcome.APPLIED, None, 1)])
+        with storage.transaction() as tx:
+            conn = tx._dbapi  # type: ignore[attr-defined]
+            page = sql_module._list_events_sqlite(*shape)
+            plans = []
+            for stmt in (page, storage._queries.first_seq_since, storage._queries.mark_minute):
+                sql = str(stmt.compile(dialect=tx._dialect))  # type: ignore[attr-defined]
+                args = {"k_from": 0, "k_since": 0, "k_limit": 10, "k_event_id": "evt_1"}
+                args |= {f"k_type_{i}": "x" for i in range(shape[1] or 0)}
+                plans.append(
+                    " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+                )
+    finally:
+        storage.close()
+    assert "USING INTEGER PRIMARY KEY (rowid>?)" in plans[0], plans[0]
+    assert "rb_event_minutes USING INTEGER PRIMARY KEY (rowid>?)" in plans[1], plans[1]
+    assert "SCAN" not in plans[2], plans[2]

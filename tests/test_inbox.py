@@ -821,3 +821,36 @@ def test_redelivery_racing_a_batch_waits_and_applies_nothing_twice(
         assert billing.webhooks.process_pending() == 0
     finally:
         billing.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_body_stored_before_orjson_still_applies(
+    backend: str, clock: _Clock, tmp_path: Path
+) -> None:
+    """A body the json module took (a lone surrogate escape) applies from the inbox.
+
+    New deliveries of it get 400 (orjson reads UTF-8 JSON only), but one stored
+    pending by an earlier version is applied as that version would have, and
+    the name round-trips through the storage.
+    """
+    storage: Storage = (
+        InMemoryStorage() if backend == "memory" else SQLStorage(f"sqlite:///{tmp_path / 'b.db'}")
+    )
+    billing = _billing(storage, clock)
+    customer = link_directly(billing, "cus_A1")
+    event = _updated("cus_A1", "new@example.com")
+    event["data"]["object"]["name"] = "caf\udce9"
+    payload, headers = _signed(event)
+    assert b"\\udce9" in payload
+    assert billing.webhooks.handle(payload, headers).status_code == 400
+    assert stored_event(billing, event["id"]) is None
+    with storage.transaction() as tx:  # as receive() stored it before orjson
+        old = webhooks_module._new_record(
+            event, payload, EventOutcome.PENDING, T0, next_attempt_at=T0
+        )
+        assert tx.record_event(old)
+    assert billing.webhooks.process_pending() == 1
+    stored = stored_event(billing, event["id"])
+    assert stored is not None and stored.outcome is EventOutcome.APPLIED
+    assert billing.customers.get("acme", customer.id).name == "caf\udce9"
+    storage.close()

@@ -408,6 +408,24 @@ def test_an_interrupted_transaction_leaves_no_lock_behind(
     other.close()
 
 
+def test_a_transaction_block_is_entered_once(sqlite_url: str) -> None:
+    """Entering the same transaction() object again raises, and commits nothing half-way."""
+    storage = SQLStorage(sqlite_url)
+    scope = storage.transaction()
+    with scope as tx:
+        tx.put_customer(_customer("c1"))
+        with pytest.raises(StorageError, match="entered already"), scope:
+            pass  # pragma: no cover
+    with pytest.raises(StorageError, match="entered already"), scope:
+        pass  # pragma: no cover
+    other = SQLStorage(sqlite_url)
+    _put(other, _customer("c2"))  # no lock left held
+    with storage.transaction() as tx:
+        assert [c.id for c in tx.list_customers("t1", after=None, limit=10)] == ["c1", "c2"]
+    storage.close()
+    other.close()
+
+
 @pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
 def test_every_statement_runs_on_the_driver(dialect_name: str) -> None:
     """Each statement compiles once to SQL that the driver runs as is, with named parameters.

@@ -253,7 +253,7 @@ def test_local_change_newer_than_the_event_wins(billing: Billing) -> None:
         b"[]",
         b'{"id": "evt_1"}',
         b'{"id":"x","type":"a","livemode":false}',
-        # Not UTF-8, or not JSON as RFC 8259 has it (Python's json module takes them all):
+        # Not UTF-8, or not JSON as RFC 8259 has it (the json module took the last three):
         b'{"id": "evt_1\xff", "type": "customer.updated"}',
         '{"id": "evt_1"}'.encode("utf-16"),
         b'{"id": "evt_1", "amount": NaN}',

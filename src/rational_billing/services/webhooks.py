@@ -25,6 +25,7 @@ the time of the next retry, and `handle` answers 500 so that Stripe retries.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -189,11 +190,21 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 _BOM: Final = b"\xef\xbb\xbf"
 
 
-def _parse_event(payload: bytes) -> dict[str, Any]:
+def _loads(payload: bytes, *, stored: bool) -> Any:
     try:
         # UTF-8 only, as Stripe sends it; a byte order mark is allowed (RFC 8259 §8.1).
-        event = orjson.loads(payload[3:] if payload.startswith(_BOM) else payload)
-    except orjson.JSONDecodeError as exc:  # invalid UTF-8 included
+        return orjson.loads(payload[3:] if payload.startswith(_BOM) else payload)
+    except orjson.JSONDecodeError:  # invalid UTF-8 included
+        if not stored:
+            raise
+    # Stored before orjson, when the json module parsed bodies: what it took applies.
+    return json.loads(payload)
+
+
+def _parse_event(payload: bytes, *, stored: bool = False) -> dict[str, Any]:
+    try:
+        event = _loads(payload, stored=stored)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WebhookPayloadError("the body is not JSON") from exc
     if type(event) is not dict:
         raise WebhookPayloadError("the body is not a JSON object")
@@ -222,7 +233,7 @@ def _stored_body(stored: ProcessedEvent) -> tuple[dict[str, Any] | None, str]:
     if stored.payload is None:
         return None, "the stored event has no body to apply"
     try:
-        return _parse_event(stored.payload), ""
+        return _parse_event(stored.payload, stored=True), ""
     except WebhookPayloadError as exc:
         return None, f"the stored body cannot be applied: {exc}"
 

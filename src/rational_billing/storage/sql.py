@@ -28,6 +28,7 @@ This module needs the ``sql`` extra; without SQLAlchemy, importing it raises
 from __future__ import annotations
 
 import base64
+import json
 import os
 import threading
 from collections import deque
@@ -333,13 +334,13 @@ def _events_inbox_v2(conn: sa.Connection) -> None:
 
 
 def _move_payload_v2(conn: sa.Connection, event_id: str, data: str, received_us: int) -> None:
-    fields = orjson.loads(data)
+    fields = _json_value(data)
     raw = fields.pop("payload", None)
     pending = fields.get("outcome") == EventOutcome.PENDING.value
     conn.execute(
         sa.update(_events).where(_events.c.event_id == event_id),
         {
-            "data": orjson.dumps(fields).decode(),
+            "data": _json_text(fields),
             "payload": None if raw is None else base64.b64decode(raw),
             "event_type": fields.get("type"),
             "due_us": received_us if pending else None,
@@ -448,7 +449,7 @@ def _stored_order_v6(conn: sa.Connection) -> None:
     )
     conn.execute(
         sa.text(
-            "CREATE TABLE rb_event_minutes (minute BIGINT PRIMARY KEY, first_seq BIGINT NOT NULL)"
+            "CREATE TABLE rb_event_minutes (minute INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL)"
         )
     )
     conn.execute(
@@ -480,13 +481,38 @@ _KIND_NAMES: Final[Mapping[type[Any], str]] = {
 # -- encoding -------------------------------------------------------------------
 
 
+def _json_text(value: Any) -> str:
+    """``value`` as the JSON text of a column.
+
+    orjson, or the json module for what orjson refuses and JSON allows: a
+    string with a lone surrogate (``"\\udce9"``, which reaches us from JSON
+    that the json module parsed) or an integer beyond 64 bits.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"))
+
+
+def _json_value(text: str) -> Any:
+    """A JSON column read back: orjson, or the json module for text orjson refuses.
+
+    Versions before orjson wrote lone surrogates as escapes, and `_json_text`
+    still does; the json module reads them.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _dump(model: object) -> str:
-    return orjson.dumps(unstructure(model)).decode()
+    return _json_text(unstructure(model))
 
 
 def _load(cls: type[T], data: str) -> T:
     try:
-        return structure(orjson.loads(data), cls)
+        return structure(_json_value(data), cls)
     except (ValueError, BaseValidationError) as exc:
         raise StorageError(f"a stored {cls.__name__} cannot be read back: {exc}") from exc
 
@@ -1594,7 +1620,7 @@ def _event_data(event: ProcessedEvent) -> str:
     checks that it matches the converter field for field.
     """
     next_attempt = event.next_attempt_at
-    return orjson.dumps(
+    return _json_text(
         {
             "event_id": event.event_id,
             "type": event.type,
@@ -1610,7 +1636,7 @@ def _event_data(event: ProcessedEvent) -> str:
             "next_attempt_at": None if next_attempt is None else next_attempt.isoformat(),
             "claims": event.claims,
         }
-    ).decode()
+    )
 
 
 def _load_event(row: Any, at: int = 0) -> ProcessedEvent:
@@ -1622,7 +1648,7 @@ def _load_event(row: Any, at: int = 0) -> ProcessedEvent:
     data: str = row[at]
     payload: bytes | None = None if row[at + 1] is None else bytes(row[at + 1])
     try:
-        fields = orjson.loads(data)
+        fields = _json_value(data)
         next_attempt = fields["next_attempt_at"]
         return ProcessedEvent(
             event_id=fields["event_id"],
@@ -1745,15 +1771,16 @@ class SQLStorage:
         tx = _SQLTransaction(pooled.dbapi_connection, self._engine.dialect, self._queries)
         try:
             tx.begin()
+            self._local.tx = tx
         except StorageError as exc:
             self._checkin(pooled, tx)
             raise StorageError(
                 f"cannot begin a transaction: {exc}", transient=exc.transient
             ) from exc.__cause__
         except BaseException:
+            self._local.tx = None
             self._checkin(pooled, tx)  # still in a transaction, say: closed, not kept
             raise
-        self._local.tx = tx
         return pooled, tx
 
     def _close(
@@ -1961,13 +1988,20 @@ class _SQLScope:
     ``_Scope``).
     """
 
-    __slots__ = ("_nested", "_pooled", "_storage", "_tx")
+    __slots__ = ("_entered", "_nested", "_pooled", "_storage", "_tx")
 
     def __init__(self, storage: SQLStorage) -> None:
         self._storage = storage
         self._nested: AbstractContextManager[Transaction] | None = None
+        self._entered = False
 
     def __enter__(self) -> Transaction:
+        if self._entered:
+            # As a generator's would: it holds one transaction's state.
+            raise StorageError(
+                "this transaction() block was entered already: call transaction() again"
+            )
+        self._entered = True
         storage = self._storage
         current: _SQLTransaction | None = getattr(storage._local, "tx", None)
         if current is not None:

@@ -683,6 +683,14 @@ class StorageContract:
             assert _ids(tx.list_customers("t2", after=None, limit=10)) == ["c04"]
             assert _ids(tx.list_customers("t_none", after=None, limit=10)) == []
 
+    def test_text_json_cannot_spell_as_utf8_round_trips(self, storage: Storage) -> None:
+        """A lone surrogate (which JSON parsed by Python can carry) is stored and read back."""
+        customer = attrs_evolve(_customer("c1"), name="caf\udce9 \u00e9\U0001f600")
+        with storage.transaction() as tx:
+            tx.put_customer(customer)
+        with storage.transaction() as tx:
+            assert tx.get_customer("t1", "c1") == customer
+
     @_EXAMPLES
     @given(
         ids=st.sets(st.text(_ID_ALPHABET, min_size=1, max_size=6), min_size=1, max_size=12),
