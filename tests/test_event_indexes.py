@@ -8,7 +8,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-import sqlalchemy as sa
 
 from rational_billing._config import Mode
 from rational_billing.domain.models import EventOutcome, ProcessedEvent
@@ -57,7 +56,6 @@ def test_upgrade_from_version_4_keeps_held_events_findable(
     """A version 4 database upgraded to 5 swaps the outcome indexes and still finds held events."""
     monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:4])
     old = SQLStorage(f"sqlite:///{db}")
-    old._queries.mark_minute = sa.text("SELECT 1")  # version 4 had no rb_event_minutes
     events = [
         _event("evt_h2", EventOutcome.HELD, "acct_1", 2),
         _event("evt_a", EventOutcome.APPLIED, "acct_1", 1),
@@ -123,7 +121,6 @@ def test_upgrade_to_version_6_keeps_events_in_received_order(
     """Version 6 rebuilds rb_events with seq, in received order, and drops the received index."""
     monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:5])
     old = SQLStorage(f"sqlite:///{db}")
-    old._queries.mark_minute = sa.text("SELECT 1")  # version 5 had no rb_event_minutes
     # Stored out of received order, two in the same instant, minutes apart.
     events = [
         _event("evt_late", EventOutcome.APPLIED, None, 600),
@@ -187,7 +184,7 @@ def test_a_page_of_events_starts_from_its_seq(db: Path, shape: tuple[bool, int |
             conn = tx._dbapi  # type: ignore[attr-defined]
             page = sql_module._list_events_sqlite(*shape)
             plans = []
-            for stmt in (page, storage._queries.first_seq_since, storage._queries.mark_minute):
+            for stmt in (page, storage._queries.first_seq_since):
                 sql = str(stmt.compile(dialect=tx._dialect))  # type: ignore[attr-defined]
                 args = {"k_from": 0, "k_since": 0, "k_limit": 10, "k_event_id": "evt_1"}
                 args |= {f"k_type_{i}": "x" for i in range(shape[1] or 0)}
@@ -198,4 +195,3 @@ def test_a_page_of_events_starts_from_its_seq(db: Path, shape: tuple[bool, int |
         storage.close()
     assert "USING INTEGER PRIMARY KEY (rowid>?)" in plans[0], plans[0]
     assert "rb_event_minutes USING INTEGER PRIMARY KEY (rowid>?)" in plans[1], plans[1]
-    assert "SCAN" not in plans[2], plans[2]

@@ -458,6 +458,22 @@ def _stored_order_v6(conn: sa.Connection) -> None:
             f"SELECT received_us / {_MINUTE_US}, min(seq) FROM rb_events GROUP BY 1"
         )
     )
+    # Kept by SQLite itself, so that no writer can miss it and no statement
+    # round trip is spent on it: an insert-if-absent that inserts nothing
+    # fires neither trigger.
+    lower_the_minute = (
+        "INSERT INTO rb_event_minutes (minute, first_seq) "  # noqa: S608 (constants only)
+        f"VALUES (new.received_us / {_MINUTE_US}, new.seq) "
+        "ON CONFLICT (minute) DO UPDATE SET first_seq = excluded.first_seq "
+        "WHERE excluded.first_seq < rb_event_minutes.first_seq"
+    )
+    for name, when in (("stored", "INSERT"), ("moved", "UPDATE OF received_us")):
+        conn.execute(
+            sa.text(
+                f"CREATE TRIGGER rb_events_{name} AFTER {when} ON rb_events "
+                f"BEGIN {lower_the_minute}; END"
+            )
+        )
 
 
 #: Step N brings the schema from version N-1 to N. Released steps never change.
@@ -739,17 +755,11 @@ class _Queries:
         self.list_events: dict[tuple[bool, int | None, bool], sa.Executable] = {}
         # Where a page of list_events starts (schema version 6): SQLite pages
         # by seq and finds the first of a minute in rb_event_minutes, which
-        # every stored or updated event lowers to its own seq if it is lower.
+        # triggers lower to a stored or updated event's seq when it is lower.
         self.event_received = sa.select(e.c.received_us).where(e.c.event_id == _p("event_id"))
         self.event_seq = sa.text("SELECT seq FROM rb_events WHERE event_id = :k_event_id")
         self.first_seq_since = sa.text(
             f"SELECT min(first_seq) FROM rb_event_minutes WHERE minute >= :k_since / {_MINUTE_US}"  # noqa: S608 (constants only)
-        )
-        self.mark_minute = sa.text(
-            "INSERT INTO rb_event_minutes (minute, first_seq) "  # noqa: S608 (constants only)
-            f"SELECT received_us / {_MINUTE_US}, seq FROM rb_events WHERE event_id = :k_event_id "
-            "ON CONFLICT (minute) DO UPDATE SET first_seq = excluded.first_seq "
-            "WHERE excluded.first_seq < rb_event_minutes.first_seq"
         )
         #: Number of ids -> the statement locking that many events (`_lock_events`).
         self.lock_events: dict[int, sa.Select[Any]] = {}
@@ -1228,11 +1238,7 @@ class _SQLTransaction:
     def record_event(self, event: ProcessedEvent) -> bool:
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id
         # to commit or roll back, so exactly one transaction sees rowcount 1.
-        inserted = self._run(self._q.record_event, _event_row(event)).rowcount == 1
-        if inserted and not self._postgres:
-            # Writes a page only for the first event of its minute (version 6).
-            self._run(self._q.mark_minute, {"k_event_id": event.event_id})
-        return inserted
+        return self._run(self._q.record_event, _event_row(event)).rowcount == 1
 
     def get_event(self, event_id: str) -> ProcessedEvent | None:
         row = self._run(self._q.event, {"k_event_id": event_id}).one_or_none()
@@ -1241,8 +1247,6 @@ class _SQLTransaction:
     def update_event(self, event: ProcessedEvent) -> None:
         if self._run(self._q.update_event, _event_update(event)).rowcount != 1:
             raise StorageError(f"no stored event {event.event_id!r} to update")
-        if not self._postgres:  # in case received_at changed: its minute must find it
-            self._run(self._q.mark_minute, {"k_event_id": event.event_id})
 
     def update_events(self, events: Sequence[ProcessedEvent]) -> None:
         # One executemany: psycopg pipelines it into about one round trip.
@@ -1250,8 +1254,6 @@ class _SQLTransaction:
         if updated != len(events):
             ids = ", ".join(repr(e.event_id) for e in events[:5])
             raise StorageError(f"some of the events {ids}... are not stored")
-        if not self._postgres:
-            self._run_many(self._q.mark_minute, [{"k_event_id": e.event_id} for e in events])
 
     def events_with_outcome(
         self, outcome: EventOutcome, *, account: str | None = None, limit: int = 100

@@ -970,12 +970,24 @@ class StorageContract:
                 tx.list_events(after="evt_nowhere")
             assert len(tx.list_events()) == 4  # the transaction goes on
 
+    def test_list_events_since_follows_an_updated_time(self, storage: Storage) -> None:
+        """An event updated to a later received time is listed from that time."""
+        with storage.transaction() as tx:
+            tx.record_event(_event("evt_a", received=0))
+            tx.record_event(_event("evt_b", received=600))
+        with storage.transaction() as tx:
+            tx.update_event(_event("evt_a", received=7200, outcome=EventOutcome.FAILED))
+        with storage.transaction() as tx:
+            assert [e.event_id for e in tx.list_events(since=_at(3600))] == ["evt_a"]
+            assert {e.event_id for e in tx.list_events(since=_at(300))} == {"evt_a", "evt_b"}
+
     @_EXAMPLES
     @given(
         received=st.lists(st.integers(0, 3 * 3600), min_size=1, max_size=12),
         since=st.none() | st.integers(0, 3 * 3600),
         limit=st.integers(1, 5),
         changed=st.sampled_from([None, 0, -1]),
+        moved=st.none() | st.integers(0, 3 * 3600),
     )
     def test_list_events_pages_visit_each_event_once(
         self,
@@ -984,6 +996,7 @@ class StorageContract:
         since: int | None,
         limit: int,
         changed: int | None,
+        moved: int | None,
     ) -> None:
         """In whatever order events were stored, paging visits each match once, in one order."""
         kind = _unique("test.event")  # this example's own type: earlier examples' events stay out
@@ -992,6 +1005,8 @@ class StorageContract:
             for event_id, seconds in zip(ids, received, strict=True):
                 assert tx.record_event(_event(event_id, received=seconds, type=kind))
         if changed is not None:  # a changed outcome keeps the event's place
+            if moved is not None:  # and a changed time is what since goes by
+                received[changed] = moved
             with storage.transaction() as tx:
                 event = _event(ids[changed], received=received[changed], type=kind)
                 tx.update_event(attrs_evolve(event, outcome=EventOutcome.FAILED, attempts=1))
