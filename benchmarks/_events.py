@@ -8,6 +8,7 @@ testing builders are used and a message says so.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import random
@@ -207,3 +208,12 @@ def slices(stream: list[Delivery], parts: int) -> Iterator[list[Delivery]]:
     """``parts`` interleaved slices, so that duplicates land in different processes."""
     for i in range(parts):
         yield stream[i::parts]
+
+
+def stream_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every webhook benchmark takes: the stream's size and rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--events", type=int, default=20_000, help="distinct events (20000)")
+    parser.add_argument("--duplicates", type=float, default=0.3, help="share delivered twice (0.3)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
+    return parser

@@ -23,7 +23,6 @@ statements; it is a diagnostic, not a target (the target is in ``webhooks.py``).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sqlite3
 import tempfile
@@ -219,10 +218,7 @@ def _contents(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20_000, help="distinct events (20000)")
-    parser.add_argument("--duplicates", type=float, default=0.3, help="share delivered twice (0.3)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
+    parser = _events.stream_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--no-postgres", action="store_true", help="accepted; nothing here uses it")
     args = parser.parse_args(argv)
 

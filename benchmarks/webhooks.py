@@ -32,7 +32,6 @@ message id.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -645,10 +644,7 @@ def interleaved(phases: Sequence[Phase], rounds: int) -> list[tuple[float, str]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20_000, help="distinct events (20000)")
-    parser.add_argument("--duplicates", type=float, default=0.3, help="share delivered twice (0.3)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (10)")
+    parser = _events.stream_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL parts")
     args = parser.parse_args(argv)
     rounds = args.rounds

@@ -50,12 +50,21 @@ def _store(storage: SQLStorage, events: list[ProcessedEvent]) -> None:
             assert tx.record_event(event)
 
 
+def _at_version(
+    db: Path, monkeypatch: pytest.MonkeyPatch, version: int, events: list[ProcessedEvent]
+) -> None:
+    """A database at schema ``version`` holding ``events``; later storages migrate it on."""
+    with monkeypatch.context() as patch:
+        patch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:version])
+        old = SQLStorage(f"sqlite:///{db}")
+        _store(old, events)
+        old.close()
+
+
 def test_upgrade_from_version_4_keeps_held_events_findable(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A version 4 database upgraded to 5 swaps the outcome indexes and still finds held events."""
-    monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:4])
-    old = SQLStorage(f"sqlite:///{db}")
     events = [
         _event("evt_h2", EventOutcome.HELD, "acct_1", 2),
         _event("evt_a", EventOutcome.APPLIED, "acct_1", 1),
@@ -63,10 +72,8 @@ def test_upgrade_from_version_4_keeps_held_events_findable(
         _event("evt_h3", EventOutcome.HELD, "acct_2", 3),
         _event("evt_f", EventOutcome.FAILED, None, 4),
     ]
-    _store(old, events)
-    old.close()
+    _at_version(db, monkeypatch, 4, events)
     assert {"ix_rb_events_outcome", "ix_rb_events_outcome_account"} <= _indexes(db)
-    monkeypatch.undo()
 
     storage = SQLStorage(f"sqlite:///{db}")
     try:
@@ -119,8 +126,6 @@ def test_upgrade_to_version_6_keeps_events_in_received_order(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Version 6 rebuilds rb_events with seq, in received order, and drops the received index."""
-    monkeypatch.setattr(sql_module, "_MIGRATIONS", sql_module._MIGRATIONS[:5])
-    old = SQLStorage(f"sqlite:///{db}")
     # Stored out of received order, two in the same instant, minutes apart.
     events = [
         _event("evt_late", EventOutcome.APPLIED, None, 600),
@@ -128,10 +133,8 @@ def test_upgrade_to_version_6_keeps_events_in_received_order(
         _event("evt_a", EventOutcome.FAILED, None, 1),
         _event("evt_mid", EventOutcome.PENDING, None, 120),
     ]
-    _store(old, events)
-    old.close()
+    _at_version(db, monkeypatch, 5, events)
     assert "ix_rb_events_received" in _indexes(db)
-    monkeypatch.undo()
 
     storage = SQLStorage(f"sqlite:///{db}")
     try:
