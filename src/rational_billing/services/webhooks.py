@@ -853,7 +853,8 @@ class WebhookRouter:
         """Apply stored events again, through the same handlers, whatever their outcome.
 
         Selects the events with the ids given (in that order), else every
-        stored event in the order received; ``since`` (received at or after)
+        stored event in the storage's order (`Transaction.list_events`: the
+        order stored, or received on PostgreSQL); ``since`` (received at or after)
         and ``types`` narrow either selection. Each event is applied in a
         transaction of its own, as `handle` would. Handlers are idempotent
         (ordered upserts, insert-if-absent rows such as invitations), so a

@@ -377,7 +377,8 @@ def _references_and_product_index_v4(conn: sa.Connection) -> None:
 
 #: The outcomes that `events_with_outcome` finds through an index from version 5:
 #: events waiting for something (a connection, a retry, a worker), which are few.
-#: Every other outcome is final; listing those walks the events in received order.
+#: Every other outcome is final; listing those reads the events in received order
+#: (from version 6 on SQLite, with no index for it: all of them, sorted).
 _WAITING_OUTCOMES: Final = (EventOutcome.HELD, EventOutcome.FAILED, EventOutcome.PENDING)
 
 
@@ -1305,6 +1306,11 @@ class _SQLTransaction:
         after: str | None = None,
         limit: int = 100,
     ) -> Sequence[ProcessedEvent]:
+        # The cursor first: an unknown one is an error even when nothing would match.
+        position: int | None = None
+        if after is not None:
+            cursor = self._q.event_received if self._postgres else self._q.event_seq
+            position = self._cursor_position(cursor, after)
         params: dict[str, Any] = {"k_limit": limit}
         if since is not None:
             params["k_since"] = _micros(since)
@@ -1315,22 +1321,24 @@ class _SQLTransaction:
                 return []
             wanted = len(names)
             params.update((f"k_type_{i}", name) for i, name in enumerate(names))
+        stmt: sa.Executable | None
         if self._postgres:
-            if after is not None:
-                params["k_after_us"] = self._cursor_position(self._q.event_received, after)
-                params["k_after_id"] = after
+            if position is not None:
+                params["k_after_us"], params["k_after_id"] = position, after
             shape = (since is not None, wanted, after is not None)
             stmt = self._q.list_events.get(shape)
             if stmt is None:
                 stmt = self._q.list_events[shape] = _list_events(*shape)
         else:
-            start = 0 if after is None else self._cursor_position(self._q.event_seq, after) + 1
-            if since is not None:
+            if position is not None:
+                start = position + 1  # pages after the first continue from their cursor
+            elif since is not None:
                 first = self._run(self._q.first_seq_since, {"k_since": params["k_since"]})
-                first_of_minute = first.scalar_one_or_none()
-                if first_of_minute is None:
+                start = first.scalar_one_or_none()
+                if start is None:
                     return []  # nothing received in or after that minute
-                start = max(start, first_of_minute)
+            else:
+                start = 0
             params["k_from"] = start
             shape = (since is not None, wanted, False)
             stmt = self._q.list_events.get(shape)

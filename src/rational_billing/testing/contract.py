@@ -968,6 +968,8 @@ class StorageContract:
             assert [e.event_id for e in both] == ["evt_b"]
             with pytest.raises(InvalidArgument, match="evt_nowhere"):
                 tx.list_events(after="evt_nowhere")
+            with pytest.raises(InvalidArgument, match="evt_nowhere"):
+                tx.list_events(types=set(), after="evt_nowhere")
             assert len(tx.list_events()) == 4  # the transaction goes on
 
     def test_list_events_since_follows_an_updated_time(self, storage: Storage) -> None:
