@@ -28,6 +28,7 @@ This module needs the ``sql`` extra; without SQLAlchemy, importing it raises
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import os
 import threading
@@ -43,7 +44,7 @@ import orjson
 from cattrs.errors import BaseValidationError
 
 from .._config import Mode, redact_url
-from ..domain._serde import structure, unstructure
+from ..domain._serde import structure, unstructure_for_orjson
 from ..domain.models import (
     Customer,
     Dispute,
@@ -503,12 +504,22 @@ def _json_text(value: Any) -> str:
 
     orjson, or the json module for what orjson refuses and JSON allows: a
     string with a lone surrogate (``"\\udce9"``, which reaches us from JSON
-    that the json module parsed) or an integer beyond 64 bits.
+    that the json module parsed) or an integer beyond 64 bits. Datetimes
+    (UTC) and enums are written as orjson writes them.
     """
     try:
         return orjson.dumps(value).decode()
     except TypeError:
-        return json.dumps(value, separators=(",", ":"))
+        return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson writes for the values the json module does not know: `_json_text`."""
+    if isinstance(value, datetime):
+        return orjson.loads(orjson.dumps(value))
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _json_value(text: str) -> Any:
@@ -524,7 +535,7 @@ def _json_value(text: str) -> Any:
 
 
 def _dump(model: object) -> str:
-    return _json_text(unstructure(model))
+    return _json_text(unstructure_for_orjson(model))
 
 
 def _load(cls: type[T], data: str) -> T:
@@ -1629,21 +1640,20 @@ def _event_data(event: ProcessedEvent) -> str:
     Written out by hand because every webhook writes its event twice; a test
     checks that it matches the converter field for field.
     """
-    next_attempt = event.next_attempt_at
     return _json_text(
         {
             "event_id": event.event_id,
             "type": event.type,
-            "mode": event.mode.value,
-            "created": event.created.isoformat(),
-            "outcome": event.outcome.value,
+            "mode": event.mode,
+            "created": event.created,
+            "outcome": event.outcome,
             "tenant": event.tenant,
             "account": event.account,
             "api_version": event.api_version,
             "reason": event.reason,
             "attempts": event.attempts,
-            "received_at": event.received_at.isoformat(),
-            "next_attempt_at": None if next_attempt is None else next_attempt.isoformat(),
+            "received_at": event.received_at,
+            "next_attempt_at": event.next_attempt_at,
             "claims": event.claims,
         }
     )
