@@ -1044,7 +1044,7 @@ class _SQLTransaction:
     def in_transaction(self) -> bool:
         """Whether the driver still has a transaction open (a rollback failed), or cannot say."""
         try:
-            if self._dialect.name == "sqlite":
+            if not self._postgres:
                 return bool(self._dbapi.in_transaction)
             from psycopg.pq import TransactionStatus
 
@@ -1367,40 +1367,37 @@ class _SQLTransaction:
 
     # -- mirrors -------------------------------------------------------------
     def mirror(self, record: MirrorRecord) -> MirrorResult:
-        key, values = _mirror_row(record)
-        marker = values["marker_us"]
-        hint = (key["k_kind"], record.tenant, key["k_mode"], record.stripe_id)
+        row = _mirror_row(record)
+        key = _mirror_key(row)
+        marker = row["marker_us"]
+        hint = (row["kind"], record.tenant, row["mode"], record.stripe_id)
         if hint in self._absent_mirrors:
             # Read as absent earlier in this transaction: most likely still
             # absent, so insert at once; if a row is there after all, the
             # rounds below lock and compare it as usual.
             self._absent_mirrors.discard(hint)
-            first: dict[str, Any] = {name[2:]: value for name, value in key.items()} | values
-            if self._run(self._q.insert_mirror, first).rowcount == 1:
+            if self._run(self._q.insert_mirror, row).rowcount == 1:
                 return MirrorResult.INSERTED
         # At most two rounds: when the insert finds a row that a concurrent
         # transaction committed meanwhile, the second round locks and compares it.
         for _ in range(2):
             stored = self._run(self._q.lock_mirror, key).scalar_one_or_none()
             if stored is None:
-                row = {name[2:]: value for name, value in key.items()} | values
                 if self._run(self._q.insert_mirror, row).rowcount == 1:
                     return MirrorResult.INSERTED
                 continue
             if marker < stored:
                 return MirrorResult.STALE
-            self._run(self._q.update_mirror, key | values)
+            self._run(self._q.update_mirror, key | {c: row[c] for c in _MIRROR_VALUES})
             return MirrorResult.TIE if marker == stored else MirrorResult.APPLIED
         raise StorageError(
             f"{type(record).__name__} {record.stripe_id!r} kept changing during its upsert"
         )
 
     def insert_mirror(self, record: MirrorRecord) -> bool:
-        key, values = _mirror_row(record)
-        row = {name[2:]: value for name, value in key.items()} | values
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key
         # to commit or roll back, so exactly one transaction inserts.
-        return self._run(self._q.insert_mirror, row).rowcount == 1
+        return self._run(self._q.insert_mirror, _mirror_row(record)).rowcount == 1
 
     def get_mirror(self, kind: type[R], tenant: str, mode: Mode, stripe_id: str) -> R | None:
         params = {
@@ -1560,20 +1557,31 @@ class _SQLTransaction:
         return list(self._run(self._q.subscriptions_for_product, params).scalars())
 
 
-def _mirror_row(record: MirrorRecord) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A mirrored record's key (as ``k_`` parameters) and its other columns."""
-    key = {
-        "k_kind": _kind_name(type(record)),
-        "k_tenant": record.tenant,
-        "k_mode": record.mode.value,
-        "k_stripe_id": record.stripe_id,
-    }
-    values = {
+#: The columns of a mirrored record besides its key (what an update sets).
+_MIRROR_VALUES: Final = ("stripe_customer_id", "marker_us", "data")
+
+
+def _mirror_row(record: MirrorRecord) -> dict[str, Any]:
+    """A mirrored record's columns: its key (kind, tenant, mode, stripe_id), then the others."""
+    return {
+        "kind": _kind_name(type(record)),
+        "tenant": record.tenant,
+        "mode": record.mode.value,
+        "stripe_id": record.stripe_id,
         "stripe_customer_id": record.stripe_customer_id,
         "marker_us": _micros(record.marker),
         "data": _dump(record),
     }
-    return key, values
+
+
+def _mirror_key(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The key of a `_mirror_row`, as ``k_`` parameters."""
+    return {
+        "k_kind": row["kind"],
+        "k_tenant": row["tenant"],
+        "k_mode": row["mode"],
+        "k_stripe_id": row["stripe_id"],
+    }
 
 
 def _invitation_key(tenant: str, mode: Mode, stripe_customer_id: str) -> dict[str, Any]:
@@ -1702,6 +1710,16 @@ def _kind_name(kind: type[Any]) -> str:
 # -- the storage ----------------------------------------------------------------
 
 
+#: This process's id, kept current across fork(): os.getpid() is a system
+#: call, and every transaction asks (see `SQLStorage._forget_parents_connections`).
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _process_id() -> int:
+    return _pid[0]
+
+
 class SQLStorage:
     """The `Storage` port on a SQLite file or a PostgreSQL database (SQLAlchemy Core).
 
@@ -1742,7 +1760,7 @@ class SQLStorage:
         #: Connections between two transactions, still checked out of the pool
         #: (see `_checkout`). deque's append and pop are atomic: no lock needed.
         self._idle: deque[PoolProxiedConnection] = deque()
-        self._idle_pid = os.getpid()
+        self._idle_pid = _process_id()
         self._inherited: deque[PoolProxiedConnection] = deque()  # see _forget_parents_connections
         self._fork_lock = threading.Lock()
         try:
@@ -1912,17 +1930,17 @@ class SQLStorage:
         sockets). The first thread of the child to get here does it; the new
         pool is in place before any thread can take from it.
         """
-        if self._idle_pid == os.getpid():
+        if self._idle_pid == _process_id():
             return
         with self._fork_lock:
-            if self._idle_pid == os.getpid():
+            if self._idle_pid == _process_id():
                 return
             self._engine.dispose(close=False)
             # Kept referenced, never used: dropping them would only make
             # psycopg warn that a connection was deleted while open.
             self._inherited = self._idle
             self._idle = deque()
-            self._idle_pid = os.getpid()
+            self._idle_pid = _process_id()
 
     def _close_idle(self, *, invalidate: bool = False) -> None:
         while True:
