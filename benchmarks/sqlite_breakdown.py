@@ -13,6 +13,9 @@ parameters, and then measures in interleaved rounds:
             none of our Python;
   ours      ``handle()`` on a fresh ``SQLStorage``, as in ``webhooks.py``.
 
+Each phase's time is also split into this process's user and system CPU time
+and the rest (waiting: fsync, the machine's other work).
+
 ``replayed`` is the floor of our own storage layout: what ``handle()`` would
 cost if the Python around the statements took no time. The script checks
 that the replay left every table as the recording did, row for row.
@@ -23,6 +26,7 @@ statements; it is a diagnostic, not a target (the target is in ``webhooks.py``).
 
 from __future__ import annotations
 
+import resource
 import shutil
 import sqlite3
 import tempfile
@@ -209,6 +213,26 @@ class _CommitClock:
             self.floor.commits += time.perf_counter() - began
 
 
+class CPUTimed:
+    """A phase with the CPU time of its rounds summed: user, system (the rest is waiting)."""
+
+    def __init__(self, phase: Any) -> None:
+        self.phase, self.name = phase, phase.name
+        self.user = self.system = 0.0
+
+    def run(self, block: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            return float(self.phase.run(block))
+        finally:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            self.user += after.ru_utime - before.ru_utime
+            self.system += after.ru_stime - before.ru_stime
+
+    def finish(self) -> str:
+        return str(self.phase.finish())
+
+
 def _contents(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every table's rows, sorted."""
     with sqlite3.connect(path) as conn:
@@ -238,26 +262,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage = sql.SQLStorage(f"sqlite:///{folder / 'ours.db'}")
         ours = OursInProcess("ours: handle(), SQLite file", storage, stream, unique, args.rounds)
         commits = TimedCommits()
+        phases = [CPUTimed(phase) for phase in (floor, replayed, ours)]
         commits.install()
         try:
-            seconds = [s for s, _ in interleaved([floor, replayed, ours], args.rounds)]
+            seconds = [s for s, _ in interleaved(phases, args.rounds)]
         finally:
             commits.uninstall()
         same = _contents(folder / "before.db") == _contents(folder / "recorded.db")
 
     n = len(stream)
-    print(f"\n{'phase':<58} {'us each':>8} {'of which COMMIT':>16} {'floor rate':>11}")
-    timed = zip(
-        (floor.name, replayed.name, ours.name),
-        seconds,
-        (floor.commits, replayed.commits, commits.seconds),
-        strict=True,
+    print(
+        f"\n{'phase':<58} {'us each':>8} {'of which COMMIT':>16} {'user':>7} {'system':>7} "
+        f"{'waiting':>8} {'floor rate':>11}"
     )
-    for name, spent, in_commit in timed:
+    timed = zip(phases, seconds, (floor.commits, replayed.commits, commits.seconds), strict=True)
+    for phase, spent, in_commit in timed:
+        waiting = spent - phase.user - phase.system
         print(
-            f"{name:<58} {spent / n * 1e6:8.1f} {in_commit / n * 1e6:16.1f} "
+            f"{phase.name:<58} {spent / n * 1e6:8.1f} {in_commit / n * 1e6:16.1f} "
+            f"{phase.user / n * 1e6:7.1f} {phase.system / n * 1e6:7.1f} {waiting / n * 1e6:8.1f} "
             f"{seconds[0] / spent:11.0%}"
         )
+    print(
+        "\nuser and system: this process's CPU time in the phase (getrusage); waiting: the "
+        "rest (fsync, and the machine's other work)"
+    )
     print(f"\nthe replay left every table as the recording did: {same}")
     return 0 if same else 1
 

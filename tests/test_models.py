@@ -387,6 +387,37 @@ def test_stored_json_is_the_converters(cls: type[Any], data: st.DataObject) -> N
     assert json.loads(fallback) == unstructure(obj)
 
 
+class _FrozenClockDatetime(datetime):
+    """A datetime subclass, as freezegun's ``datetime.now()`` returns in a host's tests."""
+
+
+def test_stored_json_takes_datetime_subclasses() -> None:
+    """A datetime subclass (orjson refuses one) is stored as the converter writes it."""
+    when = _FrozenClockDatetime(2024, 5, 6, 7, 8, 9, 10, tzinfo=UTC)
+    sub = Subscription("t", Mode.TEST, "sub_1", "cus_1", "active", marker=when, created=when)
+    assert type(sub.marker) is _FrozenClockDatetime
+    assert sql_module._dump(sub) == sql_module._json_text(unstructure(sub))
+    assert json.loads(sql_module._dump(sub))["marker"] == "2024-05-06T07:08:09.000010+00:00"
+    event = ProcessedEvent("evt_1", "invoice.paid", Mode.TEST, when, EventOutcome.APPLIED)
+    assert json.loads(sql_module._event_data(event))["created"] == unstructure(event)["created"]
+
+
+def test_stored_json_of_untyped_values_is_the_converters() -> None:
+    """Datetimes among an outbox entry's params are stored in UTC, as the converter writes them."""
+    params = {
+        "naive": datetime(2024, 1, 1),
+        "offset": datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))),
+        "nested": {"at": [datetime(2024, 1, 1, 12, tzinfo=UTC)]},
+        "surrogate": "\udce9",  # the json module's fallback path
+    }
+    entry = OutboxEntry("o", "t", Mode.TEST, "customer.update", "c", params, "k", WHEN)
+    stored = json.loads(sql_module._dump(entry))
+    assert stored == json.loads(json.dumps(unstructure(entry)))
+    assert stored["params"]["naive"] == "2024-01-01T00:00:00+00:00"
+    assert stored["params"]["offset"] == "2023-12-31T22:00:00+00:00"
+    assert stored["params"]["nested"] == {"at": ["2024-01-01T12:00:00+00:00"]}
+
+
 def test_datetimes_are_iso_strings_with_utc_offset() -> None:
     """Datetimes are stored as ISO 8601 text with a +00:00 offset."""
     when = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2)))

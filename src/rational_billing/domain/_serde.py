@@ -18,20 +18,25 @@ from cattrs.fns import identity
 
 from .models import freeze, utc
 
-__all__ = ["converter", "structure", "unstructure", "unstructure_for_orjson"]
+__all__ = ["converter", "iso", "structure", "unstructure", "unstructure_for_orjson"]
 
 T = TypeVar("T")
 
 
 def _optional_of(type_: Any) -> Any:
-    """``X`` for ``X | None`` (or ``Optional[X]``), else None."""
+    """``X`` for ``X | None`` (or ``Optional[X]``) with ``X`` a concrete type, else None.
+
+    ``Any | None`` and ``T | None`` (a type variable) are left to cattrs.
+    """
     args: tuple[Any, ...] = getattr(type_, "__args__", ())
     if len(args) != 2 or NoneType not in args or get_origin(type_) not in (Union, UnionType):
         return None
-    return args[0] if args[1] is NoneType else args[1]
+    other = args[0] if args[1] is NoneType else args[1]
+    return None if other is Any or isinstance(other, TypeVar) else other
 
 
-def _iso(value: datetime) -> str:
+def iso(value: datetime) -> str:
+    """A datetime as stored: ISO 8601 text in UTC (a naive one is taken to be UTC)."""
     # Model fields are UTC already (their converters see to it).
     return (value if value.tzinfo is UTC else utc(value)).isoformat()
 
@@ -57,17 +62,24 @@ def _new_converter(*, for_orjson: bool) -> cattrs.Converter:
     """
     conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=True)
     if for_orjson:
+        # (A datetime subclass, such as freezegun's, orjson hands to the
+        # storage's ``default``, which writes it as `iso` does.)
         conv.register_unstructure_hook(datetime, identity)
         conv.register_unstructure_hook_func(
             lambda t: isinstance(t, type) and issubclass(t, enum.Enum), identity
         )
+        # A mapping's values have no declared type (a datetime among an
+        # outbox entry's params, say): the plain converter writes them.
+        conv.register_unstructure_hook_func(
+            lambda t: getattr(t, "__origin__", None) is Mapping, unstructure
+        )
     else:
-        conv.register_unstructure_hook(datetime, _iso)
+        conv.register_unstructure_hook(datetime, iso)
     conv.register_structure_hook(datetime, lambda v, _: utc(datetime.fromisoformat(v)))
     conv.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode("ascii"))
     conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v))
     conv.register_unstructure_hook(
-        MappingProxyType, lambda m: {k: conv.unstructure(v) for k, v in m.items()}
+        MappingProxyType, lambda m: {k: unstructure(v) for k, v in m.items()}
     )
     conv.register_structure_hook_func(
         lambda t: getattr(t, "__origin__", None) is Mapping, _structure_mapping
@@ -101,10 +113,6 @@ def _new_converter(*, for_orjson: bool) -> cattrs.Converter:
     return conv
 
 
-converter = _new_converter(for_orjson=False)
-_orjson_converter = _new_converter(for_orjson=True)
-
-
 def unstructure(obj: Any) -> Any:
     """Plain, JSON-ready data for a model (or anything the converter knows)."""
     return converter.unstructure(obj)
@@ -113,8 +121,9 @@ def unstructure(obj: Any) -> Any:
 def unstructure_for_orjson(obj: Any) -> Any:
     """As `unstructure`, but datetimes and enums are left as they are for ``orjson.dumps``.
 
-    ``orjson.dumps`` of it is the same text as of `unstructure`'s (a test
-    checks it for every model); the storage writes its JSON columns so.
+    ``orjson.dumps`` of it, with `iso` as ``default`` for datetime
+    subclasses, is the same text as of `unstructure`'s (a test checks it for
+    every model); the storage writes its JSON columns so.
     """
     return _orjson_converter.unstructure(obj)
 
@@ -126,3 +135,7 @@ def structure(data: Any, cls: type[T]) -> T:
         cattrs.errors.ClassValidationError: naming the class and failing fields.
     """
     return converter.structure(data, cls)
+
+
+converter = _new_converter(for_orjson=False)
+_orjson_converter = _new_converter(for_orjson=True)

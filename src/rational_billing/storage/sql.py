@@ -31,7 +31,10 @@ import base64
 import enum
 import json
 import os
+import random
+import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -44,7 +47,7 @@ import orjson
 from cattrs.errors import BaseValidationError
 
 from .._config import Mode, redact_url
-from ..domain._serde import structure, unstructure_for_orjson
+from ..domain._serde import iso, structure, unstructure_for_orjson
 from ..domain.models import (
     Customer,
     Dispute,
@@ -508,15 +511,22 @@ def _json_text(value: Any) -> str:
     (UTC) and enums are written as orjson writes them.
     """
     try:
-        return orjson.dumps(value).decode()
+        return orjson.dumps(value, default=_orjson_default).decode()
     except TypeError:
         return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _orjson_default(value: Any) -> Any:
+    """A datetime subclass (freezegun's, say), which orjson does not write itself."""
+    if isinstance(value, datetime):
+        return iso(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _json_default(value: Any) -> Any:
     """What orjson writes for the values the json module does not know: `_json_text`."""
     if isinstance(value, datetime):
-        return orjson.loads(orjson.dumps(value))
+        return iso(value)
     if isinstance(value, enum.Enum):
         return value.value
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -2078,10 +2088,30 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _use_wal(cursor)
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+def _use_wal(cursor: Any, *, timeout: float = _SQLITE_BUSY_TIMEOUT_S) -> None:
+    """Put the database in WAL mode (a no-op once it is), retrying while it is locked.
+
+    Several processes or threads opening a new file at once each switch it:
+    a switch needs the file to itself, and SQLite answers "database is
+    locked" at once, without its busy timeout, to a connection that could
+    otherwise deadlock with another one switching. Each retry starts afresh.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0.001, 0.01))  # noqa: S311 (jitter, not security)
 
 
 def _on_sqlite_begin(conn: sa.Connection) -> None:
