@@ -288,7 +288,7 @@ def test_many_storages_opening_new_sqlite_files_at_once_all_connect(tmp_path: Pa
 class _LockedCursor:
     """A cursor whose ``PRAGMA journal_mode = WAL`` fails ``locked`` times with ``error``."""
 
-    def __init__(self, locked: int, error: str = "SQLITE_BUSY") -> None:
+    def __init__(self, locked: int, error: int = sqlite3.SQLITE_BUSY) -> None:
         self.locked, self.error, self.calls = locked, error, 0
 
     def execute(self, statement: str) -> None:
@@ -296,7 +296,7 @@ class _LockedCursor:
         self.calls += 1
         if self.calls <= self.locked:
             exc = sqlite3.OperationalError("database is locked")
-            exc.sqlite_errorname = self.error  # type: ignore[attr-defined]
+            exc.sqlite_errorcode = self.error  # type: ignore[attr-defined]
             raise exc
 
 
@@ -306,7 +306,12 @@ def test_switching_to_wal_retries_while_the_file_is_locked() -> None:
     sql_module._use_wal(cursor)
     assert cursor.calls == 4
 
-    broken = _LockedCursor(locked=1, error="SQLITE_IOERR")
+    # Extended codes count by their primary code (SQLITE_LOCKED_SHAREDCACHE = 262).
+    shared_cache = _LockedCursor(locked=2, error=sqlite3.SQLITE_LOCKED | (1 << 8))
+    sql_module._use_wal(shared_cache)
+    assert shared_cache.calls == 3
+
+    broken = _LockedCursor(locked=1, error=sqlite3.SQLITE_IOERR)
     with pytest.raises(sqlite3.OperationalError):
         sql_module._use_wal(broken)
     assert broken.calls == 1
@@ -314,8 +319,8 @@ def test_switching_to_wal_retries_while_the_file_is_locked() -> None:
     forever = _LockedCursor(locked=10**9)
     started = time.monotonic()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        sql_module._use_wal(forever, timeout=0.05)
-    assert time.monotonic() - started < 5
+        sql_module._use_wal(forever, timeout=0.5)
+    assert time.monotonic() - started < 10
     assert forever.calls > 1
 
 

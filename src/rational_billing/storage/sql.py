@@ -1723,7 +1723,8 @@ def _kind_name(kind: type[Any]) -> str:
 #: This process's id, kept current across fork(): os.getpid() is a system
 #: call, and every transaction asks (see `SQLStorage._forget_parents_connections`).
 _pid = [os.getpid()]
-os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _process_id() -> int:
@@ -2100,7 +2101,9 @@ def _use_wal(cursor: Any, *, timeout: float = _SQLITE_BUSY_TIMEOUT_S) -> None:
     Several processes or threads opening a new file at once each switch it:
     a switch needs the file to itself, and SQLite answers "database is
     locked" at once, without its busy timeout, to a connection that could
-    otherwise deadlock with another one switching. Each retry starts afresh.
+    otherwise deadlock with another one switching. Each retry starts afresh;
+    none starts after ``timeout`` seconds (one that waits in SQLite's busy
+    handler may itself take up to the busy timeout).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -2108,7 +2111,9 @@ def _use_wal(cursor: Any, *, timeout: float = _SQLITE_BUSY_TIMEOUT_S) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            # The primary code: SQLITE_BUSY_RECOVERY, SQLITE_LOCKED_SHAREDCACHE... too.
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
             if not busy or time.monotonic() >= deadline:
                 raise
         time.sleep(random.uniform(0.001, 0.01))  # noqa: S311 (jitter, not security)
