@@ -32,7 +32,6 @@ import enum
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -2105,6 +2104,8 @@ def _use_wal(cursor: Any, *, timeout: float = _SQLITE_BUSY_TIMEOUT_S) -> None:
     none starts after ``timeout`` seconds (one that waits in SQLite's busy
     handler may itself take up to the busy timeout).
     """
+    import sqlite3  # here: a PostgreSQL-only deployment may run a Python built without it
+
     deadline = time.monotonic() + timeout
     while True:
         try:
