@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 
 from .._config import Mode
-from ..domain.models import Customer, OutboxEntry, OutboxState, SyncState
+from ..domain.models import Customer, OutboxEntry, OutboxState, SyncState, Tenant
 from ..errors import StripeAPIError
 from ..ports import Clock, Storage, StripeAPI, Transaction
 
@@ -53,6 +53,8 @@ __all__ = [
     "ResultHandler",
     "cancel_pending",
     "new_entry",
+    "settled",
+    "settled_state",
 ]
 
 log = logging.getLogger("rational_billing.outbox")
@@ -68,9 +70,13 @@ _SAME_5XX_LIMIT = 5
 #: Operations that change Stripe, so that Stripe may replay a saved 5xx for them.
 _MUTATING = frozenset({CREATE_CUSTOMER, UPDATE_CUSTOMER, TAG_CUSTOMER})
 
-#: Applies what Stripe answered to local state, inside the transaction that marks
-#: the entry done: ``handler(tx, entry, result)``.
-ResultHandler = Callable[[Transaction, OutboxEntry, Mapping[str, Any]], None]
+#: Applies what Stripe answered to the customer, inside the transaction that marks
+#: the entry done: ``handler(tx, entry, customer, result)`` gets the customer as
+#: locked there (None when it is gone) and returns it as it should be stored, or
+#: None to leave it as it is. The outbox stores it, with its settled sync state.
+ResultHandler = Callable[
+    [Transaction, OutboxEntry, Customer | None, Mapping[str, Any]], Customer | None
+]
 
 
 def new_entry(
@@ -110,35 +116,46 @@ def cancel_pending(
     stripe_customer_id: str | None = None,
     created_before: datetime | None = None,
 ) -> list[OutboxEntry]:
-    """Cancel the customer's pending entries of ``operations``; returns the cancelled ones.
+    """Cancel the customer's pending entries of ``operations``; returns the ones still pending.
 
     Only entries aimed at ``stripe_customer_id`` (when given) and written
     before ``created_before`` (when given) are cancelled. A cancelled entry is
-    never sent; its ``last_error`` says why.
+    never sent; its ``last_error`` says why. What is returned is the
+    customer's queue as it now stands (pass it to `settled`).
     """
     wanted = frozenset(operations)
-    cancelled = []
+    remaining = []
     for entry in tx.outbox_for_customer(tenant, customer_id):
-        if entry.operation not in wanted:
-            continue
         if (
-            stripe_customer_id is not None
-            and entry.params.get("stripe_customer_id") != stripe_customer_id
+            entry.operation not in wanted
+            or (
+                stripe_customer_id is not None
+                and entry.params.get("stripe_customer_id") != stripe_customer_id
+            )
+            or (created_before is not None and entry.created_at >= created_before)
         ):
+            remaining.append(entry)
             continue
-        if created_before is not None and entry.created_at >= created_before:
-            continue
-        done = attrs.evolve(entry, state=OutboxState.CANCELLED, last_error=reason[:1000])
-        tx.put_outbox(done)
-        cancelled.append(done)
-    return cancelled
+        tx.put_outbox(attrs.evolve(entry, state=OutboxState.CANCELLED, last_error=reason[:1000]))
+    return remaining
+
+
+def settled(customer: Customer, pending: Sequence[OutboxEntry]) -> Customer:
+    """``customer`` with the sync state it settles in: pending while ``pending`` has entries.
+
+    ``pending`` is the customer's queue (`Transaction.outbox_for_customer`)
+    as it stands in the transaction that stores the customer.
+    """
+    if pending:
+        state = SyncState.PENDING
+    else:
+        state = SyncState.LOCAL if customer.link is None else SyncState.SYNCED
+    return customer if customer.sync_state is state else attrs.evolve(customer, sync_state=state)
 
 
 def settled_state(tx: Transaction, customer: Customer) -> SyncState:
     """The customer's sync state once nothing else happens: pending while entries remain."""
-    if tx.outbox_for_customer(customer.tenant, customer.id):
-        return SyncState.PENDING
-    return SyncState.LOCAL if customer.link is None else SyncState.SYNCED
+    return settled(customer, tx.outbox_for_customer(customer.tenant, customer.id)).sync_state
 
 
 def _backoff(attempts: int) -> timedelta:
@@ -197,28 +214,55 @@ class Outbox:
 
         Returns how many Stripe accepted and whether none is left. Entries
         written while pushing (the update that follows a create) go out too.
+        The first entry goes out as read with the queue; each later one is
+        read again first, since pushing the ones before it took time.
         """
         accepted = 0
+        pending: Sequence[OutboxEntry] | None = None
         while True:
-            with self._storage.transaction() as tx:
-                pending = list(tx.outbox_for_customer(tenant, customer_id))
+            owner: Tenant | None = None
+            if pending is None:
+                with self._storage.transaction() as tx:
+                    pending = list(tx.outbox_for_customer(tenant, customer_id))
+                    owner = tx.get_tenant(tenant) if pending else None
             if not pending:
                 return accepted, True
             now = self._clock()
-            for entry in pending:
+            queue, pending = pending, None
+            for position, entry in enumerate(queue):
                 if entry.next_attempt_at is not None and entry.next_attempt_at > now:
                     return accepted, False
-                if not self.push(entry):
+                if position == 0 and owner is not None:
+                    done, pending = self._send(entry, owner)
+                else:
+                    done, pending = self._push(entry)
+                if not done:
                     return accepted, False
                 accepted += 1
+                if pending is not None:
+                    break  # go on with the queue as it now stands, read as this one was recorded
 
     def push(self, entry: OutboxEntry) -> bool:
         """Send one entry; True when Stripe accepted it (now or earlier)."""
+        return self._push(entry)[0]
+
+    def _push(self, entry: OutboxEntry) -> tuple[bool, list[OutboxEntry] | None]:
+        """`push`, and the customer's queue as it stands after, when that was read."""
         with self._storage.transaction() as tx:
             current = tx.get_outbox(entry.id)
-            tenant = None if current is None else tx.get_tenant(current.tenant)
+            owner = None if current is None else tx.get_tenant(current.tenant)
         if current is None or current.state is not OutboxState.PENDING:
-            return current is not None and current.state is OutboxState.DONE
+            return current is not None and current.state is OutboxState.DONE, None
+        return self._send(current, owner)
+
+    def _send(
+        self, current: OutboxEntry, tenant: Tenant | None
+    ) -> tuple[bool, list[OutboxEntry] | None]:
+        """Send a pending entry read with its tenant in one transaction, and record the answer.
+
+        Returns whether Stripe accepted it, and the customer's queue as it
+        stands once that was recorded (None when it was not read).
+        """
         if tenant is None or not tenant.connected or current.mode not in tenant.modes:
             # Kept, not failed: the entry goes out once the tenant is connected again.
             waiting = StripeAPIError(
@@ -228,26 +272,25 @@ class Outbox:
                 mode=current.mode,
             )
             self._failed_attempt(current, waiting, permanent=False)
-            return False
+            return False, None
         account = None if tenant.direct else tenant.stripe_account_id
         try:
             result = self._operations[current.operation](current, account)
         except StripeAPIError as exc:
             if current.operation not in _MUTATING or not _repeats_5xx(current, exc):
                 self._failed_attempt(current, exc, permanent=not exc.retryable)
-                return False
+                return False, None
             # Stripe may be replaying a saved 5xx under this key: its state decides.
             try:
                 found = self._effect_in_stripe(current, account)
             except StripeAPIError:
                 self._failed_attempt(current, exc, permanent=False)  # cannot tell: keep it
-                return False
+                return False, None
             if found is None:
                 self._failed_attempt(current, exc, permanent=True)
-                return False
+                return False, None
             result = found
-        self._succeeded(current, result)
-        return True
+        return True, self._succeeded(current, result)
 
     # -- operations ------------------------------------------------------------------
     def _older_than_keys(self, entry: OutboxEntry) -> bool:
@@ -344,14 +387,20 @@ class Outbox:
             raise
 
     # -- bookkeeping --------------------------------------------------------------------
-    def _succeeded(self, entry: OutboxEntry, result: Mapping[str, Any]) -> None:
+    def _succeeded(self, entry: OutboxEntry, result: Mapping[str, Any]) -> list[OutboxEntry] | None:
+        """Record the entry done and apply Stripe's answer; returns the customer's queue after.
+
+        None when the queue was not read: the entry was cancelled (or finished
+        by another worker) meanwhile, or the customer is gone.
+        """
+        remaining: list[OutboxEntry] | None = None
         with self._storage.transaction() as tx:
             # The customer is locked first, as by every writer of a customer, so
             # that concurrent writers queue on it and never deadlock.
-            tx.lock_customer(entry.tenant, entry.customer_id)
+            customer = tx.lock_customer(entry.tenant, entry.customer_id)
             current = tx.get_outbox(entry.id)
             if current is not None and current.state is not OutboxState.PENDING:
-                return  # cancelled (or finished by another worker) meanwhile
+                return None  # cancelled (or finished by another worker) meanwhile
             stripe_id = result.get("id") if isinstance(result.get("id"), str) else None
             tx.put_outbox(
                 attrs.evolve(
@@ -364,10 +413,10 @@ class Outbox:
             )
             handler = self._result_handlers.get(entry.operation)
             if handler is not None:
-                handler(tx, entry, result)
-            customer = tx.get_customer(entry.tenant, entry.customer_id)
+                customer = handler(tx, entry, customer, result) or customer
             if customer is not None:
-                tx.put_customer(attrs.evolve(customer, sync_state=settled_state(tx, customer)))
+                remaining = list(tx.outbox_for_customer(entry.tenant, entry.customer_id))
+                tx.put_customer(settled(customer, remaining))
         log.info(
             "outbox %s %s for %s/%s: done",
             entry.id,
@@ -375,6 +424,7 @@ class Outbox:
             entry.tenant,
             entry.customer_id,
         )
+        return remaining
 
     def _failed_attempt(self, entry: OutboxEntry, exc: StripeAPIError, *, permanent: bool) -> None:
         now = self._clock()

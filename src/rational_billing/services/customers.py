@@ -53,6 +53,7 @@ from ._outbox import (
     Outbox,
     cancel_pending,
     new_entry,
+    settled,
     settled_state,
 )
 from ._validate import check_email, check_local_id, check_metadata, check_mode, check_stripe_id
@@ -437,7 +438,7 @@ class CustomerService:
         if local is not None and ctx.created < local:
             return HandlerResult(EventOutcome.STALE, "the local change is newer")
         if local is None or ctx.created > local:
-            cancel_pending(
+            pending = cancel_pending(
                 ctx.tx,
                 customer.tenant,
                 customer.id,
@@ -445,14 +446,16 @@ class CustomerService:
                 stripe_customer_id=stripe_id,
                 reason=f"superseded by the newer Stripe change in {ctx.event.get('id')}",
             )
+        else:
+            pending = list(ctx.tx.outbox_for_customer(customer.tenant, customer.id))
         changes = _incoming_changes(customer, ctx.object)
         updated = attrs.evolve(customer, stripe_marker=ctx.created, **changes)
-        ctx.tx.put_customer(attrs.evolve(updated, sync_state=settled_state(ctx.tx, updated)))
-        if not changes:
-            return HandlerResult(EventOutcome.APPLIED, "echo of the local state; nothing changed")
-        if ctx.created in (customer.stripe_marker, local):
+        if changes and ctx.created in (customer.stripe_marker, local):
             self._revalidate(ctx, updated)
             return HandlerResult(EventOutcome.APPLIED, "same-second change: revalidating")
+        ctx.tx.put_customer(settled(updated, pending))
+        if not changes:
+            return HandlerResult(EventOutcome.APPLIED, "echo of the local state; nothing changed")
         return None
 
     def on_customer_deleted(self, ctx: EventContext) -> HandlerResult | None:
@@ -465,7 +468,7 @@ class CustomerService:
             return HandlerResult(
                 EventOutcome.IGNORED, f"no local customer is linked to {stripe_id}"
             )
-        self._unlink_deleted(ctx.tx, customer, stripe_id)
+        ctx.tx.put_customer(_unlinked_deleted(ctx.tx, customer, stripe_id))
         return None
 
     def on_customer_created(self, ctx: EventContext) -> HandlerResult | None:
@@ -592,11 +595,14 @@ class CustomerService:
         return self._entry(customer, link.mode, TAG_CUSTOMER, params)
 
     def _revalidate(self, ctx: EventContext, customer: Customer) -> None:
-        """Re-fetch the Stripe customer after the commit (and after pending pushes)."""
+        """Store ``customer`` pending and re-fetch it from Stripe after the commit.
+
+        The fetch is queued behind the customer's pending pushes.
+        """
         assert customer.link is not None
         params = {"stripe_customer_id": customer.link.stripe_customer_id}
-        ctx.tx.put_outbox(self._entry(customer, customer.link.mode, REFRESH_CUSTOMER, params))
         ctx.tx.put_customer(attrs.evolve(customer, sync_state=SyncState.PENDING))
+        ctx.tx.put_outbox(self._entry(customer, customer.link.mode, REFRESH_CUSTOMER, params))
         tenant, customer_id = customer.tenant, customer.id
 
         def push() -> None:  # after the commit; a failure stays queued for push_pending()
@@ -605,8 +611,12 @@ class CustomerService:
         ctx.after_commit(push)
 
     def _apply_created(
-        self, tx: Transaction, entry: OutboxEntry, result: Mapping[str, Any]
-    ) -> None:
+        self,
+        tx: Transaction,
+        entry: OutboxEntry,
+        customer: Customer | None,
+        result: Mapping[str, Any],
+    ) -> Customer | None:
         """A ``customer.create`` answer: link the customer, then queue what changed meanwhile.
 
         An ``update`` made while the create waited in the outbox changed only
@@ -615,9 +625,8 @@ class CustomerService:
         right behind it.
         """
         stripe_id = result.get("id")
-        customer = tx.lock_customer(entry.tenant, entry.customer_id)
         if customer is None or customer.link is not None or not isinstance(stripe_id, str):
-            return
+            return None
         holder = tx.customer_by_link(entry.tenant, entry.mode, stripe_id)
         if holder is not None and holder.id != customer.id:
             log.error(
@@ -627,7 +636,7 @@ class CustomerService:
                 customer.id,
                 holder.id,
             )
-            return
+            return None
         linked = attrs.evolve(
             customer, link=CustomerLink(entry.mode, stripe_id), stripe_marker=_floor(self._clock())
         )
@@ -635,46 +644,30 @@ class CustomerService:
         if params:
             params["stripe_customer_id"] = stripe_id
             tx.put_outbox(self._entry(linked, entry.mode, UPDATE_CUSTOMER, params))
-        tx.put_customer(linked)
+        return linked
 
     def _apply_refresh(
-        self, tx: Transaction, entry: OutboxEntry, result: Mapping[str, Any]
-    ) -> None:
+        self,
+        tx: Transaction,
+        entry: OutboxEntry,
+        customer: Customer | None,
+        result: Mapping[str, Any],
+    ) -> Customer | None:
         """A ``customer.refresh`` answer: Stripe's current state, stamped with the fetch time."""
-        customer = tx.lock_customer(entry.tenant, entry.customer_id)
         stripe_id = entry.params.get("stripe_customer_id")
         if customer is None or customer.link != CustomerLink(entry.mode, str(stripe_id)):
-            return  # relinked or unlinked meanwhile: the answer is about someone else
+            return None  # relinked or unlinked meanwhile: the answer is about someone else
         if result.get("deleted"):
-            self._unlink_deleted(tx, customer, str(stripe_id))
-            return
+            return _unlinked_deleted(tx, customer, str(stripe_id))
         marker = _floor(self._clock())
         if customer.stripe_marker is not None and marker < customer.stripe_marker:
-            return
+            return None
         if _pending(tx, customer, UPDATE_CUSTOMER):
             # A local change queued behind this fetch is newer than what Stripe
             # held; it is pushed next, and its echo brings the two sides together.
-            return
+            return None
         changes = _incoming_changes(customer, result)
-        tx.put_customer(attrs.evolve(customer, stripe_marker=marker, **changes))
-
-    def _unlink_deleted(self, tx: Transaction, customer: Customer, stripe_id: str) -> None:
-        cancel_pending(
-            tx,
-            customer.tenant,
-            customer.id,
-            operations=(UPDATE_CUSTOMER, TAG_CUSTOMER, REFRESH_CUSTOMER),
-            stripe_customer_id=stripe_id,
-            reason=f"Stripe customer {stripe_id} was deleted",
-        )
-        unlinked = attrs.evolve(customer, link=None, stripe_marker=None)
-        tx.put_customer(attrs.evolve(unlinked, sync_state=settled_state(tx, unlinked)))
-        log.info(
-            "customer %s/%s unlinked: Stripe customer %s was deleted",
-            customer.tenant,
-            customer.id,
-            stripe_id,
-        )
+        return attrs.evolve(customer, stripe_marker=marker, **changes)
 
     def _auto_link(
         self, ctx: EventContext, stripe_id: str, named: str, named_tenant: object
@@ -708,7 +701,6 @@ class CustomerService:
         local = None if candidate.local_changed_at is None else _floor(candidate.local_changed_at)
         if local is None or ctx.created > local:
             linked = attrs.evolve(linked, **_incoming_changes(linked, ctx.object))
-        ctx.tx.put_customer(attrs.evolve(linked, sync_state=settled_state(ctx.tx, linked)))
         self._revalidate(ctx, linked)
         return HandlerResult(
             EventOutcome.APPLIED, f"linked customer {named!r} by metadata.rational_customer_id"
@@ -737,7 +729,6 @@ class CustomerService:
             return HandlerResult(
                 EventOutcome.IGNORED, f"{stripe_id} was already handled (it has an invitation)"
             )
-        ctx.tx.put_customer(customer)
         self._revalidate(ctx, customer)
         tenant, mode = ctx.tenant.id, ctx.mode
 
@@ -746,6 +737,28 @@ class CustomerService:
 
         ctx.after_commit(invite)
         return None
+
+
+def _unlinked_deleted(tx: Transaction, customer: Customer, stripe_id: str) -> Customer:
+    """``customer`` unlinked from the deleted ``stripe_id``, its queued writes to it cancelled.
+
+    Returned with its settled sync state, for the caller to store.
+    """
+    pending = cancel_pending(
+        tx,
+        customer.tenant,
+        customer.id,
+        operations=(UPDATE_CUSTOMER, TAG_CUSTOMER, REFRESH_CUSTOMER),
+        stripe_customer_id=stripe_id,
+        reason=f"Stripe customer {stripe_id} was deleted",
+    )
+    log.info(
+        "customer %s/%s unlinked: Stripe customer %s was deleted",
+        customer.tenant,
+        customer.id,
+        stripe_id,
+    )
+    return settled(attrs.evolve(customer, link=None, stripe_marker=None), pending)
 
 
 def _conflict(reason: str) -> HandlerResult:

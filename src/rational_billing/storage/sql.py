@@ -960,6 +960,7 @@ class _SQLTransaction:
     __slots__ = (
         "_absent_mirrors",
         "_cursor",
+        "_customer_memo",
         "_dbapi",
         "_dialect",
         "_postgres",
@@ -991,10 +992,18 @@ class _SQLTransaction:
         #: Mirror keys that `get_mirror` found absent in this transaction: their
         #: `mirror` tries the insert first. Only a hint: either order is correct.
         self._absent_mirrors: set[tuple[str, str, str, str]] = set()
+        #: Customer rows this transaction holds locked, by (tenant, id): on
+        #: PostgreSQL those it read FOR UPDATE; on SQLite every one it read,
+        #: since BEGIN IMMEDIATE holds the database's write lock. No one else
+        #: can change them before the commit, so they are not read again. A
+        #: customer this transaction writes is forgotten (read afresh when
+        #: asked for), and so is every one when a savepoint rolls back.
+        self._customer_memo: dict[tuple[str, str], Customer] = {}
 
-    def forget_tenants(self) -> None:
-        """Drop the remembered tenant lookups (a savepoint rolled back)."""
+    def forget(self) -> None:
+        """Drop the remembered tenant lookups and customers (a savepoint rolled back)."""
         self._tenant_memo.clear()
+        self._customer_memo.clear()
 
     def failure(self) -> str | None:
         """Why the transaction can no longer commit, or None."""
@@ -1180,21 +1189,37 @@ class _SQLTransaction:
 
     # -- customers -----------------------------------------------------------
     def get_customer(self, tenant: str, customer_id: str) -> Customer | None:
-        return self._one(Customer, self._q.customer, {"k_tenant": tenant, "k_id": customer_id})
+        return self._customer(tenant, customer_id, self._q.customer, lock=False)
 
     def lock_customer(self, tenant: str, customer_id: str) -> Customer | None:
-        params = {"k_tenant": tenant, "k_id": customer_id}
-        return self._one(Customer, self._q.lock_customer, params)
+        return self._customer(tenant, customer_id, self._q.lock_customer, lock=True)
+
+    def _customer(
+        self, tenant: str, customer_id: str, stmt: sa.Executable, *, lock: bool
+    ) -> Customer | None:
+        key = (tenant, customer_id)
+        found = self._customer_memo.get(key)
+        if found is None:
+            found = self._one(Customer, stmt, {"k_tenant": tenant, "k_id": customer_id})
+            if found is not None and (lock or not self._postgres):
+                self._customer_memo[key] = found
+        return found
 
     def customer_by_link(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Customer | None:
         params = {"k_tenant": tenant, "k_mode": mode.value, "k_stripe_id": stripe_customer_id}
-        return self._one(Customer, self._q.customer_by_link, params)
+        found = self._one(Customer, self._q.customer_by_link, params)
+        if found is not None and not self._postgres:
+            self._customer_memo.setdefault((tenant, found.id), found)
+        return found
 
     def _link_conflict(self, customer: Customer) -> StorageError | None:
         """The error to raise when another customer of the tenant holds ``customer``'s link."""
         link = customer.link
         if link is None:
             return None
+        held = self._customer_memo.get((customer.tenant, customer.id))
+        if held is not None and held.link == link:
+            return None  # it holds that link, locked: the unique index keeps it its own
         params = {
             "k_tenant": customer.tenant,
             "k_mode": link.mode.value,
@@ -1214,6 +1239,7 @@ class _SQLTransaction:
             if self.get_customer(customer.tenant, customer.id) is not None:
                 return False
             raise conflict
+        self._customer_memo.pop((customer.tenant, customer.id), None)
         return self._run(self._q.insert_customer, _customer_row(customer)).rowcount == 1
 
     def put_customer(self, customer: Customer) -> None:
@@ -1222,9 +1248,11 @@ class _SQLTransaction:
         conflict = self._link_conflict(customer)
         if conflict is not None:
             raise conflict
+        self._customer_memo.pop((customer.tenant, customer.id), None)
         self._run(self._q.put_customer, _customer_row(customer))
 
     def delete_customer(self, tenant: str, customer_id: str) -> bool:
+        self._customer_memo.pop((tenant, customer_id), None)
         params = {"k_tenant": tenant, "k_id": customer_id}
         return self._run(self._q.delete_customer, params).rowcount == 1
 
@@ -1870,13 +1898,13 @@ class SQLStorage:
         try:
             yield tx
         except BaseException as exc:
-            tx.forget_tenants()  # a tenant written inside the savepoint is undone
+            tx.forget()  # a tenant or customer written inside the savepoint is undone
             if _rollback_to(tx, name, exc):
                 tx.failed = None  # the savepoint undid whatever failed
             raise
         if tx.failed is not None:
             failed = tx.failed
-            tx.forget_tenants()
+            tx.forget()
             if _rollback_to(tx, name, None):
                 tx.failed = None
             raise StorageError(f"rolled back: a statement in this block failed ({failed})")

@@ -645,6 +645,79 @@ class StorageContract:
             assert _ids([tx.customer_by_link("t1", TEST, "cus_Y")]) == ["c2"]
             assert tx.get_customer("t1", "c1") == _customer("c1")
 
+    def test_customer_reads_follow_the_transactions_own_writes(self, storage: Storage) -> None:
+        """Within one transaction, every read of a customer sees its latest write there."""
+        with storage.transaction() as tx:
+            tx.put_customer(_customer("c1", link=(TEST, "cus_X"), email="old@example.com"))
+        moved = _customer("c1", link=(TEST, "cus_Y"), email="new@example.com")
+        with storage.transaction() as tx:
+            assert tx.customer_by_link("t1", TEST, "cus_X") is not None
+            assert tx.lock_customer("t1", "c1") is not None
+            assert tx.get_customer("t1", "c1") is not None
+            tx.put_customer(moved)
+            assert tx.lock_customer("t1", "c1") == moved
+            assert tx.get_customer("t1", "c1") == moved
+            assert tx.customer_by_link("t1", TEST, "cus_X") is None
+            assert tx.customer_by_link("t1", TEST, "cus_Y") == moved
+            assert tx.delete_customer("t1", "c1") is True
+            assert tx.lock_customer("t1", "c1") is None
+            assert tx.get_customer("t1", "c1") is None
+            assert tx.insert_customer(_customer("c1")) is True
+            assert tx.get_customer("t1", "c1") == _customer("c1")
+
+    def test_links_are_checked_against_customers_read_earlier(self, storage: Storage) -> None:
+        """A link held by a customer read earlier in the transaction is still refused to another.
+
+        And a customer read earlier keeps its own link when put again, or
+        frees it for another customer when it is put without it.
+        """
+        one = _customer("c1", link=(TEST, "cus_X"))
+        two = _customer("c2", link=(TEST, "cus_Y"))
+        with storage.transaction() as tx:
+            tx.put_customer(one)
+            tx.put_customer(two)
+        with storage.transaction() as tx:
+            assert tx.lock_customer("t1", "c1") == one
+            assert tx.lock_customer("t1", "c2") == two
+            with pytest.raises(StorageError):
+                tx.put_customer(_customer("c2", link=(TEST, "cus_X"), email="b@example.com"))
+            tx.put_customer(_customer("c2", link=(TEST, "cus_Y"), email="b@example.com"))
+            tx.put_customer(_customer("c1", link=(TEST, "cus_X"), email="b@example.com"))
+        with storage.transaction() as tx:
+            assert tx.customer_by_link("t1", TEST, "cus_X") == _customer(
+                "c1", link=(TEST, "cus_X"), email="b@example.com"
+            )
+            assert tx.get_customer("t1", "c1") is not None
+            tx.put_customer(_customer("c1", link=(TEST, "cus_Z")))
+            tx.put_customer(_customer("c2", link=(TEST, "cus_X")))
+        with storage.transaction() as tx:
+            assert _ids([tx.customer_by_link("t1", TEST, "cus_X")]) == ["c2"]
+            assert _ids([tx.customer_by_link("t1", TEST, "cus_Z")]) == ["c1"]
+
+    def test_nested_block_that_raises_undoes_a_customer_read_back_inside_it(
+        self, storage: Storage
+    ) -> None:
+        """After an inner block that changed a customer raises, reads see the customer as before."""
+        before = _customer("c1", link=(TEST, "cus_X"))
+        with storage.transaction() as tx:
+            tx.put_customer(before)
+        changed = _customer("c1", link=(TEST, "cus_Y"), email="inner@example.com")
+
+        def change(inner: Transaction) -> None:
+            inner.put_customer(changed)
+            assert inner.lock_customer("t1", "c1") == changed
+
+        with storage.transaction() as outer:
+            assert outer.lock_customer("t1", "c1") == before
+            with pytest.raises(_Boom):
+                _transact(storage, change, boom=True)
+            assert outer.lock_customer("t1", "c1") == before
+            assert outer.get_customer("t1", "c1") == before
+            assert outer.customer_by_link("t1", TEST, "cus_X") == before
+            assert outer.customer_by_link("t1", TEST, "cus_Y") is None
+            with pytest.raises(StorageError):
+                outer.put_customer(_customer("c2", link=(TEST, "cus_X")))
+
     def test_unlink_frees_the_link(self, storage: Storage) -> None:
         """Putting a customer without a link removes it from the link lookup."""
         with storage.transaction() as tx:
