@@ -678,16 +678,27 @@ def test_test_databases_do_not_collate_bytewise(pg_storage_url: str) -> None:
 def test_failed_statement_aborts_the_transaction(
     pg_storage_url: str, open_storage: Callable[..., SQLStorage]
 ) -> None:
-    """After a database error, later statements and the commit raise; nothing is committed."""
+    """After a database error, later reads and the commit raise; nothing is committed.
+
+    Reads the transaction made before the error and remembers raise too.
+    """
     storage = open_storage(pg_storage_url)
+    with storage.transaction() as tx:
+        tx.put_customer(_customer("c0"))
 
     def swallow_an_error() -> None:
         with storage.transaction() as tx:
+            assert tx.lock_customer("t1", "c0") is not None
+            assert tx.direct_tenant() is None
             tx.put_customer(_customer("c1"))
             with pytest.raises(StorageError, match="DataError"):
                 tx.put_customer(_customer("bad\x00id"))
             with pytest.raises(StorageError, match="aborted"):
                 tx.get_customer("t1", "c1")
+            with pytest.raises(StorageError, match="aborted"):
+                tx.lock_customer("t1", "c0")
+            with pytest.raises(StorageError, match="aborted"):
+                tx.direct_tenant()
 
     with pytest.raises(StorageError, match="rolled back"):
         swallow_an_error()

@@ -1140,7 +1140,7 @@ class _SQLTransaction:
         self, memo_key: tuple[str, str], stmt: sa.Executable, params: Mapping[str, Any]
     ) -> Tenant | None:
         memo = self._tenant_memo
-        if memo_key in memo:
+        if memo_key in memo and self.failed is None:  # after a failure, _run raises
             return memo[memo_key]
         found = self._read_tenant(stmt, params)
         memo[memo_key] = found
@@ -1198,8 +1198,8 @@ class _SQLTransaction:
         self, tenant: str, customer_id: str, stmt: sa.Executable, *, lock: bool
     ) -> Customer | None:
         key = (tenant, customer_id)
-        found = self._customer_memo.get(key)
-        if found is None:
+        found = self._customer_memo.get(key) if self.failed is None else None
+        if found is None:  # (after a failure, _run raises)
             found = self._one(Customer, stmt, {"k_tenant": tenant, "k_id": customer_id})
             if found is not None and (lock or not self._postgres):
                 self._customer_memo[key] = found
