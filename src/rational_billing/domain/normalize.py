@@ -30,6 +30,7 @@ import attrs
 
 from .._config import Mode
 from ..errors import StripeObjectError
+from ._serde import MAPPINGS as _MAPPINGS
 from .models import (
     Dispute,
     Invoice,
@@ -136,7 +137,7 @@ def object_id(value: object) -> str | None:
     """The id of a related object, whether Stripe sent the id or the embedded object."""
     if isinstance(value, str) and value:
         return value
-    if isinstance(value, Mapping):
+    if value is not None and isinstance(value, _MAPPINGS):
         inner = value.get("id")
         if isinstance(inner, str) and inner:
             return inner
@@ -161,12 +162,12 @@ def _text(value: object) -> str | None:
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    return value if value is not None and isinstance(value, _MAPPINGS) else {}
 
 
 def _list_data(value: object) -> tuple[Sequence[Any], bool]:
     """The elements of an embedded list object (or a bare list) and its ``has_more``."""
-    if isinstance(value, Mapping):
+    if isinstance(value, _MAPPINGS):
         data = value.get("data")
         return (data if isinstance(data, list) else []), value.get("has_more") is True
     if isinstance(value, list):
@@ -175,7 +176,7 @@ def _list_data(value: object) -> tuple[Sequence[Any], bool]:
 
 
 def _require_id(obj: Mapping[str, Any], kind: str) -> str:
-    if not isinstance(obj, Mapping):
+    if not isinstance(obj, _MAPPINGS):
         raise StripeObjectError(f"expected a {kind} object, got {type(obj).__name__}")
     found = obj.get("id")
     if not isinstance(found, str) or not found:
@@ -295,9 +296,9 @@ def _item(
     plan = raw.get("plan")
     # Both are present from 2020 to 2025 (plan is a legacy view of the price); the price wins.
     source: Mapping[str, Any] | None = None
-    if isinstance(price, Mapping) and object_id(price):
+    if isinstance(price, _MAPPINGS) and object_id(price):
         source = price
-    elif isinstance(plan, Mapping) and object_id(plan):
+    elif isinstance(plan, _MAPPINGS) and object_id(plan):
         source = plan
     price_id: str | None
     product_id: str | None
@@ -344,13 +345,13 @@ def normalize_subscription(
         raise StripeObjectError(f"subscription {stripe_id} has no customer")
     status = _status(obj, "subscription", stripe_id, SUBSCRIPTION_STATUSES, warnings)
     raw_items, has_more = _list_data(obj.get("items"))
-    if not raw_items and isinstance(obj.get("plan"), Mapping):
+    if not raw_items and isinstance(obj.get("plan"), _MAPPINGS):
         # Very old shapes carry one plan and a quantity on the subscription itself.
         raw_items = [{"plan": obj["plan"], "quantity": obj.get("quantity")}]
     items = tuple(
         _item(raw, f"{stripe_id}#{i}", warnings, stripe_id)
         for i, raw in enumerate(raw_items)
-        if isinstance(raw, Mapping)
+        if isinstance(raw, _MAPPINGS)
     )
     if has_more:
         warnings.append(
@@ -425,7 +426,7 @@ def normalize_invoice(
     references += _same_payment(tenant, mode, charge, intent)
     payments, _ = _list_data(obj.get("payments"))
     for raw in payments:
-        if isinstance(raw, Mapping):
+        if isinstance(raw, _MAPPINGS):
             try:
                 references += normalize_invoice_payment(raw, tenant=tenant, mode=mode).references
             except StripeObjectError as exc:
@@ -460,7 +461,7 @@ def normalize_invoice_payment(
     Raises:
         StripeObjectError: it names no invoice.
     """
-    if not isinstance(obj, Mapping):
+    if not isinstance(obj, _MAPPINGS):
         raise StripeObjectError(f"expected an invoice_payment object, got {type(obj).__name__}")
     invoice = object_id(obj.get("invoice"))
     if invoice is None:
@@ -504,7 +505,7 @@ def normalize_charge(
     references += _same_payment(tenant, mode, stripe_id, intent)
     raw_refunds, _ = _list_data(obj.get("refunds"))
     for raw in raw_refunds:
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, _MAPPINGS):
             continue
         try:
             refund = normalize_refund(

@@ -31,6 +31,7 @@ from typing import Any, Final
 import attrs
 
 from .._config import BillingConfig, Mode
+from ..domain._serde import MAPPINGS as _MAPPINGS
 from ..domain.models import Customer, CustomerLink, EventOutcome, OutboxEntry, SyncState, Tenant
 from ..errors import (
     AlreadyLinked,
@@ -85,7 +86,7 @@ UNSET: Final = _Unset.UNSET
 
 
 def _visible_metadata(metadata: object) -> dict[str, str]:
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, _MAPPINGS):
         return {}
     # Stripe deletes a key set to "", so an empty value means no key (some
     # Stripe-compatible servers keep it).
@@ -425,7 +426,7 @@ class CustomerService:
         if stripe_id is None:
             return HandlerResult(EventOutcome.IGNORED, "customer object has no id")
         previous = ctx.event.get("data", {}).get("previous_attributes")
-        if isinstance(previous, Mapping) and not _SYNCED_FIELDS.intersection(previous):
+        if isinstance(previous, _MAPPINGS) and not _SYNCED_FIELDS.intersection(previous):
             return HandlerResult(EventOutcome.APPLIED, "no change to email, name or metadata")
         customer = _locked_by_link(ctx, stripe_id)
         if customer is None:
@@ -494,7 +495,7 @@ class CustomerService:
                 EventOutcome.APPLIED, f"{stripe_id} is already linked to customer {holder.id}"
             )
         raw = obj.get("metadata")
-        metadata: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        metadata: Mapping[str, Any] = raw if isinstance(raw, _MAPPINGS) else {}
         named = metadata.get("rational_customer_id")
         if isinstance(named, str) and named:
             result = self._auto_link(ctx, stripe_id, named, metadata.get("rational_tenant"))
@@ -775,7 +776,7 @@ def _customer_id(obj: Mapping[str, Any]) -> str | None:
 
 def _own_tag(obj: Mapping[str, Any]) -> dict[str, str]:
     metadata = obj.get("metadata")
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, _MAPPINGS):
         return {}
     return {k: str(metadata[k]) for k in _OWN_KEYS if metadata.get(k)}
 

@@ -32,6 +32,7 @@ from typing import Any, Final, NoReturn, TypeAlias, TypeVar
 import attrs
 
 from .._config import Mode
+from ..domain._serde import MAPPINGS as _MAPPINGS
 from ..domain.access import AccessPolicy, AccessSummary, Denial, DenialReason, Grant
 from ..domain.access_rules import (
     LOST_DISPUTE_STATUS,
@@ -509,7 +510,7 @@ class SubscriptionTracker:
             StripeObjectError: the object is not one of these, or lacks an id,
                 a customer or a status it cannot do without.
         """
-        kind = obj.get("object") if isinstance(obj, Mapping) else None
+        kind = obj.get("object") if isinstance(obj, _MAPPINGS) else None
         if kind == "subscription":
             return self._mirror_subscription(tx, tenant, mode, obj, marker, transition_to_past_due)
         if kind == "invoice":
@@ -793,7 +794,7 @@ class SubscriptionTracker:
         """``customer.subscription.*``: mirror the subscription with all its items."""
         previous = ctx.event["data"].get("previous_attributes")
         transition = (
-            isinstance(previous, Mapping)
+            isinstance(previous, _MAPPINGS)
             and "status" in previous
             and previous.get("status") != "past_due"
             and ctx.object.get("status") == "past_due"
