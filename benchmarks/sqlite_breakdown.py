@@ -13,6 +13,10 @@ parameters, and then measures in interleaved rounds:
             none of our Python;
   ours      ``handle()`` on a fresh ``SQLStorage``, as in ``webhooks.py``.
 
+With ``--by-type`` it times each delivery on its own instead, ours and then
+its replay, and prints them per event type (redeliveries apart), sorted by
+each type's share of the gap: where the Python goes.
+
 Each phase's time is also split into this process's user and system CPU time
 and the rest (waiting: fsync, the machine's other work).
 
@@ -136,25 +140,30 @@ class Replayed:
         self.commits = 0.0
 
     def run(self, block: int) -> float:
-        conn, key, clock = self.conn, self.key, time.perf_counter
+        key, clock = self.key, time.perf_counter
         start = clock()
         for delivery, ops in self.blocks[block]:
             _floor_parse(delivery, key)
-            for op in ops:
-                kind = op[0]
-                if kind == "run":
-                    conn.execute(op[1], op[2]).fetchall()
-                elif kind == "many":
-                    conn.executemany(op[1], op[2])
-                elif kind == "control":
-                    conn.execute(op[1])
-                elif kind == "commit":
-                    began = clock()
-                    conn.execute("COMMIT")
-                    self.commits += clock() - began
-                else:
-                    conn.execute("ROLLBACK")
+            self.apply(ops)
         return clock() - start
+
+    def apply(self, ops: list[Op]) -> None:
+        """One delivery's recorded calls."""
+        conn, clock = self.conn, time.perf_counter
+        for op in ops:
+            kind = op[0]
+            if kind == "run":
+                conn.execute(op[1], op[2]).fetchall()
+            elif kind == "many":
+                conn.executemany(op[1], op[2])
+            elif kind == "control":
+                conn.execute(op[1])
+            elif kind == "commit":
+                began = clock()
+                conn.execute("COMMIT")
+                self.commits += clock() - began
+            else:
+                conn.execute("ROLLBACK")
 
     def finish(self) -> str:
         self.conn.close()
@@ -241,9 +250,60 @@ def _contents(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         return {t: sorted(conn.execute(f'SELECT * FROM "{t}"'), key=repr) for t in tables}
 
 
+def by_type(
+    stream: list[Delivery], unique: list[Delivery], ops: list[list[Op]], rounds: int, folder: Path
+) -> None:
+    """Per event type (first deliveries and redeliveries apart): ours against the replay.
+
+    Each delivery is timed on its own, ours and then its replay, block by
+    block as in the interleaved phases; the table is sorted by each kind's
+    share of the gap between the two.
+    """
+    first: set[str] = set()
+    kinds = []
+    for delivery in stream:
+        kinds.append(delivery.type + (" (again)" if delivery.event_id in first else ""))
+        first.add(delivery.event_id)
+    replay = Replayed(stream, ops, rounds, folder / "before.db")
+    storage = sql.SQLStorage(f"sqlite:///{folder / 'by-type.db'}")
+    ours = OursInProcess("ours", storage, stream, unique, rounds)
+    handle, key, clock = ours.ours.billing.webhooks.handle, SECRET.encode(), time.perf_counter
+    spent: dict[str, list[float]] = {kind: [0.0, 0.0, 0.0, 0.0] for kind in kinds}
+    for block in _blocks(list(range(len(stream))), rounds):
+        for i in block:
+            began = clock()
+            handle(stream[i].payload, stream[i].headers)
+            spent[kinds[i]][0] += clock() - began
+        for i in block:
+            began = clock()
+            _floor_parse(stream[i], key)
+            replay.apply(ops[i])
+            totals = spent[kinds[i]]
+            totals[1] += clock() - began
+            totals[2] += 1
+            totals[3] += len(ops[i])
+    replay.finish()
+    ours.finish()
+    gap = sum(t[0] - t[1] for t in spent.values())
+    print(
+        f"\n{'event type':<40} {'count':>6} {'calls':>6} {'ours us':>8} {'replay us':>10} "
+        f"{'gap us':>7} {'share of gap':>13}"
+    )
+    for kind, (o, r, n, c) in sorted(spent.items(), key=lambda kv: kv[1][1] - kv[1][0]):
+        print(
+            f"{kind:<40} {n:6.0f} {c / n:6.1f} {o / n * 1e6:8.1f} {r / n * 1e6:10.1f} "
+            f"{(o - r) / n * 1e6:7.1f} {(o - r) / gap:13.1%}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _events.stream_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--no-postgres", action="store_true", help="accepted; nothing here uses it")
+    parser.add_argument(
+        "--by-type",
+        action="store_true",
+        help="instead of the phases: ours against the replay for each event type",
+    )
     args = parser.parse_args(argv)
 
     unique = _events.build(args.events)
@@ -257,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"recorded {calls:.2f} driver calls a delivery (BEGIN and COMMIT included) over "
             f"{len(stream)} deliveries in {time.perf_counter() - started:.0f}s"
         )
+        if args.by_type:
+            by_type(stream, unique, ops, args.rounds, folder)
+            return 0
         floor = TimedFloor(stream, args.rounds, folder)
         replayed = Replayed(stream, ops, args.rounds, folder / "before.db")
         storage = sql.SQLStorage(f"sqlite:///{folder / 'ours.db'}")

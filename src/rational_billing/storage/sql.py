@@ -731,6 +731,10 @@ class _Queries:
         """The statements of schema version 2 (the webhook inbox), and per-storage caches."""
         #: (statement, parameter names) -> its `_DriverForm`, or None (see `_driver_form`).
         self.driver_forms: dict[tuple[sa.Executable, frozenset[str]], _DriverForm] = {}
+        #: id(statement) -> (statement, parameter names, form) of its last run: the
+        #: lookup of the common case, one statement always run with the same names,
+        #: without building and hashing a key (a statement's hash is a Python call).
+        self.last_forms: dict[int, tuple[sa.Executable, frozenset[str], _DriverForm]] = {}
         #: Stored tenant JSON -> the `Tenant` it reads as (tenants are looked up per webhook).
         self.tenants: dict[str, Tenant] = {}
         e = _events
@@ -907,35 +911,6 @@ def _driver_form(stmt: sa.Executable, keys: frozenset[str], dialect: sa.Dialect)
     return _DriverForm(compiled.string, defaults)
 
 
-class _Rows:
-    """What a statement returned: the few result methods `_SQLTransaction` uses."""
-
-    __slots__ = ("_rows", "rowcount")
-
-    def __init__(self, rows: Sequence[Any], rowcount: int) -> None:
-        self._rows = rows
-        #: Rows inserted, updated or deleted (for INSERT, UPDATE and DELETE).
-        self.rowcount = rowcount
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)
-
-    def all(self) -> Sequence[Any]:
-        return self._rows
-
-    def one_or_none(self) -> Any:
-        if len(self._rows) > 1:
-            raise StorageError(f"expected at most one row, got {len(self._rows)}")
-        return self._rows[0] if self._rows else None
-
-    def scalar_one_or_none(self) -> Any:
-        row = self.one_or_none()
-        return None if row is None else row[0]
-
-    def scalars(self) -> list[Any]:
-        return [row[0] for row in self._rows]
-
-
 _NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
 _TENANT_CACHE: Final = 4096
 
@@ -965,6 +940,7 @@ class _SQLTransaction:
         "_dialect",
         "_postgres",
         "_q",
+        "_rowcount",
         "_savepoints",
         "_tenant_memo",
         "broken",
@@ -978,6 +954,8 @@ class _SQLTransaction:
         self._postgres = dialect.name == "postgresql"
         self._q = queries
         self._cursor: Any = None
+        #: The row count of the last statement `_run` ran.
+        self._rowcount = -1
         self._savepoints = 0
         #: Why the transaction can no longer commit, once a statement has failed.
         self.failed: str | None = None
@@ -1083,29 +1061,60 @@ class _SQLTransaction:
         self._control(f"ROLLBACK TO SAVEPOINT {name}")
 
     # -- statements --------------------------------------------------------------
-    def _run(self, stmt: sa.Executable, params: Mapping[str, Any] = _NO_PARAMS) -> _Rows:
+    def _run(self, stmt: sa.Executable, params: Mapping[str, Any] = _NO_PARAMS) -> list[Any]:
+        """Run ``stmt``; the rows it returned (none for a write), its row count in `_rowcount`."""
         if self.failed is not None:
             raise StorageError(
                 f"the transaction was aborted by an earlier error ({self.failed}); "
                 "leave the block so that it rolls back"
             )
-        key = (stmt, frozenset(params))
-        forms = self._q.driver_forms
-        form = forms.get(key)
-        if form is None:
-            form = forms[key] = _driver_form(stmt, key[1], self._dialect)
+        last = self._q.last_forms.get(id(stmt))
+        if last is not None and last[0] is stmt and params.keys() == last[1]:
+            form = last[2]
+        else:
+            form = self._form(stmt, frozenset(params))
         args = {**form.defaults, **params} if form.defaults else params
         try:
-            if self._cursor is None:
-                self._cursor = self._dbapi.cursor()
             cursor = self._cursor
+            if cursor is None:
+                cursor = self._cursor = self._dbapi.cursor()
             cursor.execute(form.sql, args)
-            rows = cursor.fetchall() if cursor.description is not None else ()
-            return _Rows(rows, cursor.rowcount)
+            self._rowcount = cursor.rowcount
+            return cursor.fetchall() if cursor.description is not None else []
         except self._dialect.loaded_dbapi.Error as exc:
             error = self._error(form.sql, args, exc)
             self.failed, self.failed_transient = str(error), error.transient
             raise error from error.__cause__
+
+    def _form(self, stmt: sa.Executable, keys: frozenset[str]) -> _DriverForm:
+        """``stmt``'s `_DriverForm` for these parameter names, compiled once."""
+        forms = self._q.driver_forms
+        form = forms.get((stmt, keys))
+        if form is None:
+            form = forms[(stmt, keys)] = _driver_form(stmt, keys, self._dialect)
+        self._q.last_forms[id(stmt)] = (stmt, keys, form)
+        return form
+
+    def _write(self, stmt: sa.Executable, params: Mapping[str, Any]) -> int:
+        """Run a write; the rows it inserted, updated or deleted."""
+        self._run(stmt, params)
+        return self._rowcount
+
+    def _row(self, stmt: sa.Executable, params: Mapping[str, Any] = _NO_PARAMS) -> Any:
+        """The one row ``stmt`` returned, or None."""
+        rows = self._run(stmt, params)
+        if len(rows) > 1:
+            raise StorageError(f"expected at most one row, got {len(rows)}")
+        return rows[0] if rows else None
+
+    def _scalar(self, stmt: sa.Executable, params: Mapping[str, Any] = _NO_PARAMS) -> Any:
+        """The first column of the one row ``stmt`` returned, or None."""
+        row = self._row(stmt, params)
+        return None if row is None else row[0]
+
+    def _column(self, stmt: sa.Executable, params: Mapping[str, Any]) -> list[Any]:
+        """The first column of every row ``stmt`` returned."""
+        return [row[0] for row in self._run(stmt, params)]
 
     def _run_many(self, stmt: sa.Executable, rows: Sequence[Mapping[str, Any]]) -> int:
         """Run one statement for each of ``rows`` (psycopg pipelines them); rows changed."""
@@ -1113,11 +1122,7 @@ class _SQLTransaction:
             return 0
         if self.failed is not None:
             raise StorageError(f"the transaction was aborted by an earlier error ({self.failed})")
-        key = (stmt, frozenset(rows[0]))
-        forms = self._q.driver_forms
-        form = forms.get(key)
-        if form is None:
-            form = forms[key] = _driver_form(stmt, key[1], self._dialect)
+        form = self._form(stmt, frozenset(rows[0]))
         try:
             if self._cursor is None:
                 self._cursor = self._dbapi.cursor()
@@ -1129,11 +1134,11 @@ class _SQLTransaction:
             raise error from error.__cause__
 
     def _one(self, cls: type[T], stmt: sa.Executable, params: Mapping[str, Any]) -> T | None:
-        data = self._run(stmt, params).scalar_one_or_none()
+        data = self._scalar(stmt, params)
         return None if data is None else _load(cls, data)
 
     def _all(self, cls: type[T], stmt: sa.Executable, params: Mapping[str, Any]) -> list[T]:
-        return [_load(cls, data) for data in self._run(stmt, params).scalars()]
+        return [_load(cls, row[0]) for row in self._run(stmt, params)]
 
     # -- tenants -------------------------------------------------------------
     def _tenant(
@@ -1147,7 +1152,7 @@ class _SQLTransaction:
         return found
 
     def _read_tenant(self, stmt: sa.Executable, params: Mapping[str, Any]) -> Tenant | None:
-        data = self._run(stmt, params).scalar_one_or_none()
+        data = self._scalar(stmt, params)
         if data is None:
             return None
         # Tenants are frozen, so one read of the same stored JSON can be shared.
@@ -1225,7 +1230,7 @@ class _SQLTransaction:
             "k_mode": link.mode.value,
             "k_stripe_id": link.stripe_customer_id,
         }
-        holder: str | None = self._run(self._q.link_holder, params).scalar_one_or_none()
+        holder: str | None = self._scalar(self._q.link_holder, params)
         if holder is None or holder == customer.id:
             return None
         return StorageError(
@@ -1240,7 +1245,7 @@ class _SQLTransaction:
                 return False
             raise conflict
         self._customer_memo.pop((customer.tenant, customer.id), None)
-        return self._run(self._q.insert_customer, _customer_row(customer)).rowcount == 1
+        return self._write(self._q.insert_customer, _customer_row(customer)) == 1
 
     def put_customer(self, customer: Customer) -> None:
         # Checked first, so that a taken link is a clear error that leaves the
@@ -1254,7 +1259,7 @@ class _SQLTransaction:
     def delete_customer(self, tenant: str, customer_id: str) -> bool:
         self._customer_memo.pop((tenant, customer_id), None)
         params = {"k_tenant": tenant, "k_id": customer_id}
-        return self._run(self._q.delete_customer, params).rowcount == 1
+        return self._write(self._q.delete_customer, params) == 1
 
     def list_customers(self, tenant: str, *, after: str | None, limit: int) -> Sequence[Customer]:
         params: dict[str, Any] = {"k_tenant": tenant, "k_limit": limit}
@@ -1287,14 +1292,14 @@ class _SQLTransaction:
     def record_event(self, event: ProcessedEvent) -> bool:
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id
         # to commit or roll back, so exactly one transaction sees rowcount 1.
-        return self._run(self._q.record_event, _event_row(event)).rowcount == 1
+        return self._write(self._q.record_event, _event_row(event)) == 1
 
     def get_event(self, event_id: str) -> ProcessedEvent | None:
-        row = self._run(self._q.event, {"k_event_id": event_id}).one_or_none()
+        row = self._row(self._q.event, {"k_event_id": event_id})
         return None if row is None else _load_event(row)
 
     def update_event(self, event: ProcessedEvent) -> None:
-        if self._run(self._q.update_event, _event_update(event)).rowcount != 1:
+        if self._write(self._q.update_event, _event_update(event)) != 1:
             raise StorageError(f"no stored event {event.event_id!r} to update")
 
     def update_events(self, events: Sequence[ProcessedEvent]) -> None:
@@ -1316,7 +1321,7 @@ class _SQLTransaction:
 
     def lock_event(self, event_id: str) -> ProcessedEvent | None:
         # FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers.
-        row = self._run(self._q.lock_event, {"k_event_id": event_id}).one_or_none()
+        row = self._row(self._q.lock_event, {"k_event_id": event_id})
         return None if row is None else _load_event(row)
 
     def lock_events(self, event_ids: Sequence[str]) -> Sequence[ProcessedEvent]:
@@ -1333,7 +1338,7 @@ class _SQLTransaction:
         self, now: datetime, *, limit: int, lease: timedelta
     ) -> Sequence[ProcessedEvent]:
         params = {"k_now": _micros(now), "k_limit": limit}
-        rows = self._run(self._q.due_events, params).all()
+        rows = self._run(self._q.due_events, params)
         if not rows:
             return []
         claimed = [_load_event(row, 1) for row in rows]
@@ -1381,8 +1386,7 @@ class _SQLTransaction:
             if position is not None:
                 start = position + 1  # pages after the first continue from their cursor
             elif since is not None:
-                first = self._run(self._q.first_seq_since, {"k_since": params["k_since"]})
-                start = first.scalar_one_or_none()
+                start = self._scalar(self._q.first_seq_since, {"k_since": params["k_since"]})
                 if start is None:
                     return []  # nothing received in or after that minute
             else:
@@ -1395,7 +1399,7 @@ class _SQLTransaction:
         return [_load_event(row) for row in self._run(stmt, params)]
 
     def _cursor_position(self, stmt: sa.Executable, event_id: str) -> int:
-        found = self._run(stmt, {"k_event_id": event_id}).scalar_one_or_none()
+        found = self._scalar(stmt, {"k_event_id": event_id})
         if found is None:
             raise InvalidArgument(
                 f"list_events(after={event_id!r}): no such stored event to continue after"
@@ -1413,14 +1417,14 @@ class _SQLTransaction:
             # absent, so insert at once; if a row is there after all, the
             # rounds below lock and compare it as usual.
             self._absent_mirrors.discard(hint)
-            if self._run(self._q.insert_mirror, row).rowcount == 1:
+            if self._write(self._q.insert_mirror, row) == 1:
                 return MirrorResult.INSERTED
         # At most two rounds: when the insert finds a row that a concurrent
         # transaction committed meanwhile, the second round locks and compares it.
         for _ in range(2):
-            stored = self._run(self._q.lock_mirror, key).scalar_one_or_none()
+            stored = self._scalar(self._q.lock_mirror, key)
             if stored is None:
-                if self._run(self._q.insert_mirror, row).rowcount == 1:
+                if self._write(self._q.insert_mirror, row) == 1:
                     return MirrorResult.INSERTED
                 continue
             if marker < stored:
@@ -1434,7 +1438,7 @@ class _SQLTransaction:
     def insert_mirror(self, record: MirrorRecord) -> bool:
         # ON CONFLICT DO NOTHING waits for a concurrent insert of the same key
         # to commit or roll back, so exactly one transaction inserts.
-        return self._run(self._q.insert_mirror, _mirror_row(record)).rowcount == 1
+        return self._write(self._q.insert_mirror, _mirror_row(record)) == 1
 
     def get_mirror(self, kind: type[R], tenant: str, mode: Mode, stripe_id: str) -> R | None:
         params = {
@@ -1503,12 +1507,12 @@ class _SQLTransaction:
             return None
         # A concurrent taker's DELETE waits for ours to commit, then removes
         # nothing: only the transaction whose DELETE removed the row gets it.
-        deleted = self._run(self._q.v3.delete_pending_connection, {"k_key": key}).rowcount
+        deleted = self._write(self._q.v3.delete_pending_connection, {"k_key": key})
         return found if deleted == 1 else None
 
     # -- invitations (issue 3) --------------------------------------------------
     def insert_invitation(self, invitation: Invitation) -> bool:
-        return self._run(self._q.v3.insert_invitation, _invitation_row(invitation)).rowcount == 1
+        return self._write(self._q.v3.insert_invitation, _invitation_row(invitation)) == 1
 
     def get_invitation(self, tenant: str, mode: Mode, stripe_customer_id: str) -> Invitation | None:
         params = _invitation_key(tenant, mode, stripe_customer_id)
@@ -1550,7 +1554,7 @@ class _SQLTransaction:
             "relation": reference.relation.value,
             "target_id": reference.target_id,
         }
-        return self._run(self._q.add_reference, row).rowcount == 1
+        return self._write(self._q.add_reference, row) == 1
 
     def references_from(self, tenant: str, mode: Mode, source_id: str) -> Sequence[StripeReference]:
         params = {"k_tenant": tenant, "k_mode": mode.value, "k_id": source_id}
@@ -1570,7 +1574,7 @@ class _SQLTransaction:
         self, tenant: str, mode: Mode, subscription_id: str, stripe_product_ids: Collection[str]
     ) -> None:
         key = {"k_tenant": tenant, "k_mode": mode.value, "k_subscription_id": subscription_id}
-        old = set(self._run(self._q.subscription_products, key).scalars())
+        old = set(self._column(self._q.subscription_products, key))
         new = set(stripe_product_ids)
         for product in sorted(old - new):
             self._run(self._q.unindex_subscription_product, key | {"k_stripe_product_id": product})
@@ -1591,7 +1595,7 @@ class _SQLTransaction:
             "k_mode": mode.value,
             "k_stripe_product_id": stripe_product_id,
         }
-        return list(self._run(self._q.subscriptions_for_product, params).scalars())
+        return list(self._column(self._q.subscriptions_for_product, params))
 
 
 #: The columns of a mirrored record besides its key (what an update sets).
